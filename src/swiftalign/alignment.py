@@ -1,0 +1,469 @@
+"""The align workflow: particles + reference map → poses (thesis ch. 4, train + query).
+
+1. Validate everything that can be checked cheaply (box sizes, pixel sizes,
+   CTF columns, stacks) — before any long work.
+2. Particles → search vectors (CTF-corrected by a Wiener filter, or left as
+   they are when the CTF goes on the references).
+3. Sampling from the resolution (eq. 4.20–4.21) → rotated gallery.
+4. Index: exact or trained FAISS index, populated in blocks; query; re-score.
+5. Reference ids → (rot, tilt, psi, shift).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from swiftalign.ctf import CtfParams, ctf_rfft2, electron_wavelength_angstrom, wiener_filter
+from swiftalign.errors import InputError
+from swiftalign.fourier import Disc, disc_to_vectors, extract_disc, make_disc, normalise_vectors
+from swiftalign.conventions import centred_rfft2
+from swiftalign.gallery import Gallery, build_gallery
+from swiftalign.io.mrc import MapData
+from swiftalign.io.particles import ParticleImages
+from swiftalign.io.star import ParticleTable
+from swiftalign.sampling import (
+    angular_step_deg,
+    directions_to_rot_tilt,
+    gallery_directions,
+    shift_grid_px,
+    shift_step_px,
+)
+from swiftalign.search import IndexSettings, SearchResult, search_gallery
+from swiftalign.symmetry import parse_symmetry, symmetry_matrices
+
+__all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling"]
+
+log = logging.getLogger(__name__)
+
+#: Relative pixel-size mismatch between reference and particles that is tolerated.
+PIXEL_SIZE_TOLERANCE = 0.01
+
+
+class AlignConfig(BaseModel):
+    """Validated parameters of an alignment (every unit in the name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution_angstrom: float = Field(gt=0, description="resolution limit Tmax (Å)")
+    symmetry: str = "C1"
+    angular_step_deg: float | None = Field(default=None, gt=0)
+    psi_step_deg: float | None = Field(default=None, gt=0)
+    shift_step_px: float | None = Field(default=None, gt=0)
+    max_shift_px: float = Field(default=8.0, ge=0)
+    perturbation_deg: float | None = Field(default=None, ge=0)
+    ctf_mode: Literal["wiener", "reference", "none"] = "wiener"
+    wiener_constant: float = Field(default=0.1, gt=0)
+    index: str = "auto"
+    nprobe: int | None = Field(default=None, gt=0)
+    target_recall: float = Field(default=0.95, gt=0, le=1)
+    rerank: int = Field(default=100, gt=0)
+    metric: Literal["l2", "cosine", "pearson"] = "cosine"
+    k: int = Field(default=1, ge=1)
+    device: str = "cpu"
+    max_memory_gb: float = Field(default=2.0, gt=0)
+    seed: int = 0
+    ctf_group_phase_rad: float = Field(default=math.pi / 4, gt=0)
+
+    def symmetry_checked(self) -> str:
+        parse_symmetry(self.symmetry)
+        return self.symmetry.upper()
+
+
+@dataclass
+class Sampling:
+    """Steps actually used (from the resolution unless overridden)."""
+
+    angular_step_deg: float
+    psi_step_deg: float
+    shift_step_px: float
+    max_shift_px: float
+    disc_radius_fftfreq: float
+    n_directions: int = 0
+    n_psi: int = 0
+    n_shifts: int = 0
+
+    @property
+    def n_poses(self) -> int:
+        return self.n_directions * self.n_psi * self.n_shifts
+
+
+@dataclass
+class AlignmentResult:
+    """Poses of every particle.
+
+    Attributes
+    ----------
+    euler_deg : np.ndarray
+        `(n, k, 3)` RELION (rot, tilt, psi) of the k best matches.
+    shift_yx_px : np.ndarray
+        `(n, k, 2)` particle-centre shifts (y, x) in px (origin = −shift·Ts).
+    distance : np.ndarray
+        `(n, k)` squared distances between prepared vectors.
+    score : np.ndarray
+        `(n, k)` cosine similarity (cosine, pearson) or −distance (l2).
+    sampling : Sampling
+    search : SearchResult
+    pixel_size_angstrom : float
+    timings : dict
+    """
+
+    euler_deg: np.ndarray
+    shift_yx_px: np.ndarray
+    distance: np.ndarray
+    score: np.ndarray
+    sampling: Sampling
+    search: SearchResult
+    pixel_size_angstrom: float
+    box_size: int
+    timings: dict = field(default_factory=dict)
+
+
+def ctf_params_from_table(table: ParticleTable) -> CtfParams:
+    """Per-particle CTF from RELION columns.
+
+    Raises
+    ------
+    InputError
+        If ``rlnDefocusU`` is missing.
+    """
+    df = table.particles
+    if "rlnDefocusU" not in df:
+        raise InputError(
+            f"{table.path}: particle block has no 'rlnDefocusU'; "
+            "pass --ctf-mode none for CTF-free particles"
+        )
+    du = table.column("rlnDefocusU")
+    dv = table.column("rlnDefocusV", default=np.nan)
+    dv = np.where(np.isfinite(dv), dv, du)
+    params = CtfParams(
+        du,
+        dv,
+        table.column("rlnDefocusAngle", default=0.0),
+        table.voltage_kv,
+        table.cs_mm,
+        table.amplitude_contrast,
+        table.column("rlnPhaseShift", default=0.0),
+    )
+    for name, vals in (("rlnDefocusU", du), ("rlnDefocusV", dv)):
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InputError(f"{table.path}: particle {i + 1} has {name} = {vals[i]}")
+    return params
+
+
+def particle_vectors(
+    images: ParticleImages,
+    disc: Disc,
+    *,
+    ctf: CtfParams | None,
+    pixel_size_angstrom: float,
+    metric: str,
+    wiener_constant: float = 0.1,
+    device: str = "cpu",
+    batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Particles → prepared search vectors.
+
+    Parameters
+    ----------
+    images : ParticleImages
+        The particle stack(s).
+    disc : Disc
+        Coefficient selection.
+    ctf : CtfParams or None
+        When given, each particle is multiplied by its Wiener filter (thesis
+        §4.2) before the disc is cut; ``None`` leaves particles as they are.
+    pixel_size_angstrom : float
+        Particle pixel size.
+    metric : str
+        ``l2``, ``cosine`` or ``pearson``.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n, dim)` float32 on ``device``.
+    """
+    n = len(images)
+    out = torch.empty((n, disc.dim), dtype=torch.float32, device=device)
+    disc_dev = disc.to(device)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(n, start + batch_size))
+        batch = torch.as_tensor(images.read(rows), device=device)
+        spectra = centred_rfft2(batch)
+        if ctf is not None:
+            c = ctf_rfft2(
+                ctf.subset(rows),
+                pixel_size_angstrom=pixel_size_angstrom,
+                box_size=disc.box_size,
+                device=device,
+            )
+            spectra = spectra * wiener_filter(c, constant_fraction=wiener_constant)
+        coeffs = extract_disc(spectra, disc_dev)
+        out[start : start + len(rows)] = normalise_vectors(
+            disc_to_vectors(coeffs, disc.box_size), metric
+        )
+        if progress is not None:
+            progress(len(rows))
+    return out
+
+
+def _ctf_groups(
+    ctf: CtfParams,
+    disc: Disc,
+    *,
+    pixel_size_angstrom: float,
+    max_phase_rad: float,
+    device: str,
+) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Group particles by defocus so that one CTF per group stays within ``max_phase_rad``.
+
+    The defocus phase term π·λ·Δf·k² at the disc edge ``k`` changes by less
+    than ``max_phase_rad`` within a group.
+    """
+    k_edge = disc.radius_fftfreq / pixel_size_angstrom  # 1/Å
+    lam = float(np.mean(electron_wavelength_angstrom(ctf.voltage_kv)))
+    width = max_phase_rad / (math.pi * lam * k_edge**2)
+    mean_df = (ctf.defocus_u_angstrom + ctf.defocus_v_angstrom) / 2.0
+    bins = np.floor((mean_df - mean_df.min()) / width).astype(np.int64)
+    groups = []
+    for b in np.unique(bins):
+        rows = np.nonzero(bins == b)[0]
+        med = CtfParams(
+            np.median(ctf.defocus_u_angstrom[rows]),
+            np.median(ctf.defocus_v_angstrom[rows]),
+            np.median(ctf.defocus_angle_deg[rows]),
+            np.median(ctf.voltage_kv[rows]),
+            np.median(ctf.cs_mm[rows]),
+            np.median(ctf.amplitude_contrast[rows]),
+            np.median(ctf.phase_shift_deg[rows]),
+        )
+        c = ctf_rfft2(med, pixel_size_angstrom=pixel_size_angstrom, box_size=disc.box_size,
+                      device=device)
+        groups.append((rows, extract_disc(c.to(torch.complex64), disc.to(device))[0]))
+    return groups
+
+
+def resolve_device(device: str) -> str:
+    """``cuda`` when asked for and available, else ``cpu`` (with a warning)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("CUDA is not available: running on the CPU", stacklevel=2)
+        return "cpu"
+    return device
+
+
+def check_inputs(
+    table: ParticleTable, images: ParticleImages, reference: MapData
+) -> float:
+    """Checks made before any long work; returns the particle pixel size (Å/px).
+
+    Raises
+    ------
+    InputError
+        Box-size or pixel-size mismatch between map and particles, particles
+        with several pixel sizes, or a non-cubic map.
+    """
+    ps = table.pixel_size_angstrom
+    if not np.allclose(ps, ps[0], rtol=1e-4):
+        raise InputError(
+            f"{table.path}: particles have several pixel sizes ({sorted(set(ps.round(4)))} Å); "
+            "align each optics group separately"
+        )
+    pixel_size = float(ps[0])
+    shape = reference.data.shape
+    if len(set(shape)) != 1:
+        raise InputError(f"{reference.path}: map is not cubic ({shape})")
+    if shape[0] != images.box_size:
+        raise InputError(
+            f"{reference.path}: map box {shape[0]} px differs from the particle box "
+            f"{images.box_size} px ({images.stack_paths[0]})"
+        )
+    vox = reference.voxel_size_angstrom
+    if vox <= 0:
+        warnings.warn(
+            f"{reference.path}: voxel size is 0 in the header; using the particle pixel size "
+            f"{pixel_size} Å (pass --reference-angpix to set it)",
+            stacklevel=2,
+        )
+    elif abs(vox - pixel_size) / pixel_size > PIXEL_SIZE_TOLERANCE:
+        raise InputError(
+            f"{reference.path}: voxel size {vox} Å differs from the particle pixel size "
+            f"{pixel_size} Å by more than {PIXEL_SIZE_TOLERANCE:.0%}; resample the map"
+        )
+    elif abs(vox - pixel_size) > 1e-4 * pixel_size:
+        warnings.warn(
+            f"{reference.path}: voxel size {vox} Å vs particle pixel size {pixel_size} Å; "
+            "using the particle pixel size",
+            stacklevel=2,
+        )
+    return pixel_size
+
+
+def make_sampling(config: AlignConfig, pixel_size: float, box_size: int) -> Sampling:
+    """Steps from the resolution (thesis eq. 4.20–4.21) unless overridden."""
+    dphi = config.angular_step_deg or angular_step_deg(
+        config.resolution_angstrom, pixel_size, box_size
+    )
+    return Sampling(
+        angular_step_deg=dphi,
+        psi_step_deg=config.psi_step_deg or dphi,
+        shift_step_px=config.shift_step_px
+        or shift_step_px(config.resolution_angstrom, pixel_size),
+        max_shift_px=config.max_shift_px,
+        disc_radius_fftfreq=min(pixel_size / config.resolution_angstrom, 0.5),
+    )
+
+
+def align_particles(
+    table: ParticleTable,
+    images: ParticleImages,
+    reference: MapData,
+    config: AlignConfig,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AlignmentResult:
+    """Align every particle against the reference.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles and their optics.
+    images : ParticleImages
+        Their images (already validated).
+    reference : MapData
+        `(N, N, N)` map at the particles' pixel size.
+    config : AlignConfig
+        Parameters.
+    progress : callable, optional
+        ``progress(step, done, total)``.
+
+    Returns
+    -------
+    AlignmentResult
+
+    Raises
+    ------
+    InputError
+        See :func:`check_inputs` and :func:`ctf_params_from_table`.
+    """
+    timings: dict[str, float] = {}
+    symmetry = config.symmetry_checked()
+    pixel_size = check_inputs(table, images, reference)
+    box = images.box_size
+    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
+    device = resolve_device(config.device)
+    sampling = make_sampling(config, pixel_size, box)
+    disc = make_disc(box, sampling.disc_radius_fftfreq)
+
+    def step_progress(name: str, total: int):
+        done = [0]
+
+        def cb(m: int) -> None:
+            done[0] += m
+            if progress is not None:
+                progress(name, done[0], total)
+
+        return cb
+
+    t0 = time.perf_counter()
+    queries = particle_vectors(
+        images,
+        disc,
+        ctf=ctf if config.ctf_mode == "wiener" else None,
+        pixel_size_angstrom=pixel_size,
+        metric=config.metric,
+        wiener_constant=config.wiener_constant,
+        device=device,
+        progress=step_progress("particles", len(images)),
+    )
+    timings["particles"] = time.perf_counter() - t0
+
+    rng = np.random.default_rng(config.seed)
+    group = symmetry_matrices(symmetry)
+    dirs = gallery_directions(
+        sampling.angular_step_deg, group, rng=rng, perturbation_deg=config.perturbation_deg
+    )
+    rot_tilt = directions_to_rot_tilt(dirs)
+    shifts = shift_grid_px(sampling.max_shift_px, sampling.shift_step_px)
+    t0 = time.perf_counter()
+    volume = torch.as_tensor(reference.data, device=device)
+    gallery: Gallery = build_gallery(
+        volume,
+        directions_rot_tilt_deg=rot_tilt,
+        psi_step_deg=sampling.psi_step_deg,
+        shifts_yx_px=shifts,
+        disc=disc.to(device),
+        metric=config.metric,
+        rng=rng,
+        progress=step_progress("projections", len(rot_tilt)),
+    )
+    timings["gallery"] = time.perf_counter() - t0
+    sampling.n_directions = len(rot_tilt)
+    sampling.n_psi = gallery.psi_deg.shape[1]
+    sampling.n_shifts = gallery.n_shifts
+    log.info(
+        "sampling: dPhi %.2f deg, ds %.2f px, %d directions x %d psi x %d shifts = %d poses, "
+        "%d coefficients",
+        sampling.angular_step_deg,
+        sampling.shift_step_px,
+        sampling.n_directions,
+        sampling.n_psi,
+        sampling.n_shifts,
+        gallery.n_poses,
+        disc.n_coeff,
+    )
+
+    ctf_groups = None
+    ctf_pool = None
+    if config.ctf_mode == "reference":
+        ctf_groups = _ctf_groups(
+            ctf, disc, pixel_size_angstrom=pixel_size,
+            max_phase_rad=config.ctf_group_phase_rad, device=device,
+        )
+        ctf_pool = torch.stack([g[1] for g in ctf_groups])
+        log.info("reference CTF mode: %d CTF groups", len(ctf_groups))
+
+    settings = IndexSettings(
+        factory=config.index,
+        rerank=config.rerank,
+        nprobe=config.nprobe,
+        target_recall=config.target_recall,
+        max_memory_bytes=int(config.max_memory_gb * 1024**3),
+        seed=config.seed,
+    )
+    result = search_gallery(
+        gallery,
+        queries,
+        k=config.k,
+        settings=settings,
+        ctf_groups=ctf_groups,
+        ctf_disc_pool=ctf_pool,
+        device=device,
+        progress=progress,
+    )
+    timings.update(result.timings)
+    euler, shift = gallery.poses(result.ids)
+    dist = result.distances.astype(np.float64)
+    score = 1.0 - dist / 2.0 if config.metric in ("cosine", "pearson") else -dist
+    return AlignmentResult(
+        euler_deg=euler,
+        shift_yx_px=shift,
+        distance=dist,
+        score=score,
+        sampling=sampling,
+        search=result,
+        pixel_size_angstrom=pixel_size,
+        box_size=box,
+        timings=timings,
+    )

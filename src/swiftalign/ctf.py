@@ -1,0 +1,176 @@
+"""Contrast transfer function (wrapping ``torch-ctf``) and the Wiener filter.
+
+RELION conventions (see :mod:`swiftalign.conventions`): defocus U/V in Å,
+positive underfocus; the defocus angle in degrees from the x axis to the
+direction of defocus U; phase shift in degrees. torch-ctf takes mean defocus
+and half the astigmatism in µm; this module is the only place that converts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch_ctf import calculate_ctf_2d
+
+__all__ = ["CtfParams", "ctf_rfft2", "wiener_filter", "electron_wavelength_angstrom"]
+
+
+class CtfParams:
+    """Per-particle CTF parameters, `(n,)` arrays in RELION units.
+
+    Parameters
+    ----------
+    defocus_u_angstrom, defocus_v_angstrom : array_like
+        Defocus in Å (positive underfocus).
+    defocus_angle_deg : array_like
+        Astigmatism angle in degrees.
+    voltage_kv, cs_mm, amplitude_contrast : array_like
+        Microscope optics.
+    phase_shift_deg : array_like
+        Additional phase shift in degrees (phase plate).
+    """
+
+    def __init__(
+        self,
+        defocus_u_angstrom,
+        defocus_v_angstrom,
+        defocus_angle_deg,
+        voltage_kv,
+        cs_mm,
+        amplitude_contrast,
+        phase_shift_deg=0.0,
+    ) -> None:
+        arrays = [
+            np.atleast_1d(np.asarray(a, dtype=np.float64))
+            for a in (
+                defocus_u_angstrom,
+                defocus_v_angstrom,
+                defocus_angle_deg,
+                voltage_kv,
+                cs_mm,
+                amplitude_contrast,
+                phase_shift_deg,
+            )
+        ]
+        n = max(a.size for a in arrays)
+        arrays = [np.broadcast_to(a, (n,)).copy() for a in arrays]
+        (
+            self.defocus_u_angstrom,
+            self.defocus_v_angstrom,
+            self.defocus_angle_deg,
+            self.voltage_kv,
+            self.cs_mm,
+            self.amplitude_contrast,
+            self.phase_shift_deg,
+        ) = arrays
+
+    def __len__(self) -> int:
+        return self.defocus_u_angstrom.size
+
+    def subset(self, index) -> CtfParams:
+        """Parameters of the selected particles."""
+        return CtfParams(
+            *(
+                a[index]
+                for a in (
+                    self.defocus_u_angstrom,
+                    self.defocus_v_angstrom,
+                    self.defocus_angle_deg,
+                    self.voltage_kv,
+                    self.cs_mm,
+                    self.amplitude_contrast,
+                    self.phase_shift_deg,
+                )
+            )
+        )
+
+
+def electron_wavelength_angstrom(voltage_kv: float | np.ndarray) -> np.ndarray:
+    """Relativistic electron wavelength λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)) Å.
+
+    Parameters
+    ----------
+    voltage_kv : float or np.ndarray
+        Acceleration voltage in kV.
+    """
+    v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+def ctf_rfft2(
+    params: CtfParams,
+    *,
+    pixel_size_angstrom: float | np.ndarray,
+    box_size: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """CTF on the centred-rfft grid of :mod:`swiftalign.conventions`.
+
+    Parameters
+    ----------
+    params : CtfParams
+        `n` particles' CTF parameters.
+    pixel_size_angstrom : float or np.ndarray
+        Pixel size in Å/px (scalar or `(n,)`).
+    box_size : int
+        Image side ``N``.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n, N, N // 2 + 1)` float32, not fftshifted, positive at low frequency
+        for positive amplitude contrast (RELION sign).
+    """
+    du = params.defocus_u_angstrom
+    dv = params.defocus_v_angstrom
+    angle = params.defocus_angle_deg.copy()
+    # torch-ctf needs U >= V (it takes sqrt of the half-astigmatism); swap otherwise.
+    swap = du < dv
+    du, dv = np.where(swap, dv, du), np.where(swap, du, dv)
+    angle = np.where(swap, angle + 90.0, angle)
+
+    def t(a):
+        return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+
+    ps = np.broadcast_to(np.asarray(pixel_size_angstrom, dtype=np.float64), du.shape)
+    if np.allclose(ps, ps[0]):
+        ps_arg = float(ps[0])
+    else:
+        raise ValueError("ctf_rfft2 takes one pixel size per call; group particles by optics")
+    ctf = calculate_ctf_2d(
+        defocus=t((du + dv) / 2.0 * 1e-4),
+        astigmatism=t((du - dv) / 2.0 * 1e-4),
+        astigmatism_angle=t(angle),
+        voltage=t(params.voltage_kv),
+        spherical_aberration=t(params.cs_mm),
+        amplitude_contrast=t(params.amplitude_contrast),
+        phase_shift=t(params.phase_shift_deg),
+        pixel_size=ps_arg,
+        image_shape=(box_size, box_size),
+        rfft=True,
+        fftshift=False,
+    )
+    return ctf.to(torch.float32)
+
+
+def wiener_filter(ctf: torch.Tensor, *, constant_fraction: float = 0.1) -> torch.Tensor:
+    """Wiener filter ``W = C / (C² + c)`` with ``c = constant_fraction · mean(C²)``.
+
+    Thesis §4.2: particles are multiplied by ``W`` so that they can be compared
+    with CTF-free references.
+
+    Parameters
+    ----------
+    ctf : torch.Tensor
+        `(..., h, w)` real CTF values.
+    constant_fraction : float
+        ``c`` relative to the mean of ``C²`` over each particle's grid.
+
+    Returns
+    -------
+    torch.Tensor
+        `(..., h, w)` filter.
+    """
+    power = ctf**2
+    c = constant_fraction * power.mean(dim=(-2, -1), keepdim=True)
+    return ctf / (power + c)

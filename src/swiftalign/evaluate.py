@@ -1,0 +1,122 @@
+"""Errors of assigned poses against ground truth.
+
+Angular error: the geodesic angle between the assigned rotation and the
+closest symmetry-equivalent true rotation (``A_true·gᵀ`` for every ``g`` of
+the group). Shift error: distance between assigned and true particle centres,
+in Å and px.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from swiftalign.conventions import angular_distance_deg, euler_to_matrix
+from swiftalign.errors import InputError
+from swiftalign.io.star import ParticleTable
+from swiftalign.symmetry import symmetry_matrices
+
+__all__ = ["symmetric_angular_error_deg", "PoseErrors", "compare_tables", "summarise"]
+
+
+def symmetric_angular_error_deg(
+    euler_a_deg: np.ndarray, euler_b_deg: np.ndarray, symmetry: str = "C1"
+) -> np.ndarray:
+    """Smallest angle between poses over symmetry-equivalent orientations.
+
+    Parameters
+    ----------
+    euler_a_deg, euler_b_deg : np.ndarray
+        `(n, 3)` RELION Euler angles in degrees.
+    symmetry : str
+        Point group of the map.
+
+    Returns
+    -------
+    np.ndarray
+        `(n,)` degrees in [0, 180].
+    """
+    a = euler_to_matrix(euler_a_deg)
+    b = euler_to_matrix(euler_b_deg)
+    group = symmetry_matrices(symmetry)
+    b_eq = np.einsum("nij,gkj->ngik", b, group)  # A_b · gᵀ
+    return angular_distance_deg(a[:, None], b_eq).min(axis=1)
+
+
+@dataclass
+class PoseErrors:
+    """Per-particle errors and their summary."""
+
+    angular_error_deg: np.ndarray
+    shift_error_angstrom: np.ndarray
+    shift_error_px: np.ndarray
+    angular_step_deg: float | None = None
+
+    def summary(self) -> dict:
+        return summarise(self.angular_error_deg, self.shift_error_angstrom,
+                         self.shift_error_px, self.angular_step_deg)
+
+
+def summarise(
+    angular_error_deg: np.ndarray,
+    shift_error_angstrom: np.ndarray,
+    shift_error_px: np.ndarray,
+    angular_step_deg: float | None = None,
+) -> dict:
+    """Median, mean, 90th percentile (and fraction within ΔΦ) of the errors."""
+    out = {"n_particles": int(len(angular_error_deg))}
+    for name, v in (
+        ("angular_error_deg", angular_error_deg),
+        ("shift_error_angstrom", shift_error_angstrom),
+        ("shift_error_px", shift_error_px),
+    ):
+        out[name] = {
+            "median": float(np.median(v)),
+            "mean": float(np.mean(v)),
+            "p90": float(np.percentile(v, 90)),
+        }
+    if angular_step_deg:
+        out["angular_step_deg"] = float(angular_step_deg)
+        out["fraction_within_step"] = float(np.mean(angular_error_deg <= angular_step_deg))
+    return out
+
+
+def _poses(table: ParticleTable) -> tuple[np.ndarray, np.ndarray]:
+    df = table.particles
+    cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    missing = [c for c in cols if c not in df]
+    if missing:
+        raise InputError(f"{table.path}: particle block has no '{missing[0]}'")
+    euler = df[cols].to_numpy(np.float64)
+    return euler, table.origins_shift_px()
+
+
+def compare_tables(
+    aligned: ParticleTable,
+    truth: ParticleTable,
+    *,
+    symmetry: str = "C1",
+    angular_step_deg: float | None = None,
+) -> PoseErrors:
+    """Errors of ``aligned`` against ``truth``, matched by ``rlnImageName``.
+
+    Raises
+    ------
+    InputError
+        When a particle of ``aligned`` has no match in ``truth``.
+    """
+    ea, sa = _poses(aligned)
+    et, st = _poses(truth)
+    names_a = aligned.image_names()
+    pos = {name.strip(): i for i, name in enumerate(truth.image_names())}
+    try:
+        idx = np.array([pos[name.strip()] for name in names_a])
+    except KeyError as exc:
+        raise InputError(
+            f"{aligned.path}: particle {exc.args[0]!r} is not in {truth.path}"
+        ) from None
+    ang = symmetric_angular_error_deg(ea, et[idx], symmetry)
+    shift_px = np.hypot(*(sa - st[idx]).T)
+    ps = aligned.pixel_size_angstrom
+    return PoseErrors(ang, shift_px * ps, shift_px, angular_step_deg)

@@ -1,0 +1,244 @@
+"""The reference set: projections × in-plane rotations × shifts (thesis §4.1).
+
+A gallery of projections at quasi-uniform directions over the asymmetric unit
+(psi = 0) is rotated in plane at ``ΔΦ`` steps in real space, Fourier
+transformed and cut to the disc; these *rotated-gallery* coefficients are kept
+(complex64, ``n_images × n_coeff``). Each reference pose adds a Fourier shift
+filter on top, so the full reference set (``n_images × n_shifts`` vectors)
+never has to be stored: any block of it, or any candidate by id, is
+regenerated on demand.
+
+Pose ids: ``id = image * n_shifts + shift`` with
+``image = direction * n_psi + psi``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from swiftalign.conventions import euler_to_matrix
+from swiftalign.fourier import (
+    Disc,
+    disc_to_vectors,
+    images_to_disc,
+    normalise_vectors,
+    shift_phase_ramps,
+)
+from swiftalign.projection import project
+
+__all__ = ["rotate_images", "Gallery", "build_gallery"]
+
+
+def rotate_images(images: torch.Tensor, psi_deg: torch.Tensor) -> torch.Tensor:
+    """Rotate images in plane about pixel ``N // 2`` (bicubic).
+
+    The rotation is the one that turns a projection at RELION pose
+    ``(rot, tilt, 0)`` into the projection at ``(rot, tilt, psi)``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(b, N, N)` images.
+    psi_deg : torch.Tensor
+        `(b,)` angles in degrees.
+
+    Returns
+    -------
+    torch.Tensor
+        `(b, N, N)` rotated images (zero outside the input).
+    """
+    b, n, _ = images.shape
+    c = n // 2
+    coords = torch.arange(n, device=images.device, dtype=torch.float32) - c
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    psi = torch.deg2rad(psi_deg.to(images.device, torch.float32))
+    cos, sin = torch.cos(psi)[:, None, None], torch.sin(psi)[:, None, None]
+    # output pixel x samples the input at R(psi)·x (RELION A = Rz(-psi)·A0)
+    src_x = cos * xx - sin * yy
+    src_y = sin * xx + cos * yy
+    grid = torch.stack([(src_x + c) / (n - 1) * 2 - 1, (src_y + c) / (n - 1) * 2 - 1], dim=-1)
+    return F.grid_sample(
+        images[:, None], grid, mode="bicubic", padding_mode="zeros", align_corners=True
+    )[:, 0]
+
+
+@dataclass
+class Gallery:
+    """Rotated-gallery coefficients and the pose of every reference id.
+
+    Attributes
+    ----------
+    rot_tilt_deg : np.ndarray
+        `(n_directions, 2)` projection directions.
+    psi_deg : np.ndarray
+        `(n_directions, n_psi)` in-plane angles (a random offset per direction).
+    shifts_yx_px : np.ndarray
+        `(n_shifts, 2)` shift grid in px.
+    coeffs : torch.Tensor
+        `(n_images, n_coeff)` complex64 disc coefficients of the rotated
+        projections (no shift, no CTF), ``n_images = n_directions · n_psi``.
+    disc : Disc
+        The coefficient selection.
+    metric : str
+        ``l2``, ``cosine`` or ``pearson``.
+    """
+
+    rot_tilt_deg: np.ndarray
+    psi_deg: np.ndarray
+    shifts_yx_px: np.ndarray
+    coeffs: torch.Tensor
+    disc: Disc
+    metric: str
+
+    @property
+    def n_images(self) -> int:
+        return int(self.coeffs.shape[0])
+
+    @property
+    def n_shifts(self) -> int:
+        return int(self.shifts_yx_px.shape[0])
+
+    @property
+    def n_poses(self) -> int:
+        return self.n_images * self.n_shifts
+
+    def poses(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Euler angles `(..., 3)` (deg) and shifts `(..., 2)` (y, x px) of reference ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        image, shift = np.divmod(ids, self.n_shifts)
+        n_psi = self.psi_deg.shape[1]
+        direction, psi = np.divmod(image, n_psi)
+        euler = np.concatenate(
+            [self.rot_tilt_deg[direction], self.psi_deg[direction, psi][..., None]], axis=-1
+        )
+        return euler, self.shifts_yx_px[shift]
+
+    def vectors(
+        self,
+        ids: torch.Tensor,
+        *,
+        ctf_disc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Search vectors of reference ids, regenerated from the rotated gallery.
+
+        Parameters
+        ----------
+        ids : torch.Tensor
+            `(...)` int64 reference ids.
+        ctf_disc : torch.Tensor, optional
+            `(n_coeff,)` or broadcastable `(..., n_coeff)` real CTF on the disc to
+            apply (reference CTF mode).
+
+        Returns
+        -------
+        torch.Tensor
+            `(..., dim)` float32 normalised vectors.
+        """
+        device = self.coeffs.device
+        ids = ids.to(device)
+        image = torch.div(ids, self.n_shifts, rounding_mode="floor")
+        shift = ids - image * self.n_shifts
+        shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
+        ramps = shift_phase_ramps(self.disc.freqs_yx, shifts[shift])
+        coeffs = self.coeffs[image] * ramps
+        if ctf_disc is not None:
+            coeffs = coeffs * ctf_disc
+        return normalise_vectors(disc_to_vectors(coeffs, self.disc.box_size), self.metric)
+
+    def block_vectors(
+        self, image_start: int, image_stop: int, *, ctf_disc: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All shifted vectors of a block of rotated-gallery images.
+
+        Returns
+        -------
+        vectors : torch.Tensor
+            `(m, dim)` float32 with ``m = (image_stop − image_start) · n_shifts``.
+        ids : torch.Tensor
+            `(m,)` int64 reference ids.
+        """
+        device = self.coeffs.device
+        shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
+        ramps = shift_phase_ramps(self.disc.freqs_yx, shifts)  # (S, n_coeff)
+        coeffs = self.coeffs[image_start:image_stop, None, :] * ramps[None]
+        if ctf_disc is not None:
+            coeffs = coeffs * ctf_disc
+        vectors = normalise_vectors(disc_to_vectors(coeffs, self.disc.box_size), self.metric)
+        ids = torch.arange(
+            image_start * self.n_shifts, image_stop * self.n_shifts, device=device
+        )
+        return vectors.reshape(-1, vectors.shape[-1]), ids
+
+
+def build_gallery(
+    volume: torch.Tensor,
+    *,
+    directions_rot_tilt_deg: np.ndarray,
+    psi_step_deg: float,
+    shifts_yx_px: np.ndarray,
+    disc: Disc,
+    metric: str,
+    rng: np.random.Generator,
+    batch_size: int = 64,
+    progress=None,
+) -> Gallery:
+    """Project, rotate in plane and cut to the disc.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        `(d, d, d)` reference map on the device to use.
+    directions_rot_tilt_deg : np.ndarray
+        `(n_directions, 2)` RELION rot, tilt.
+    psi_step_deg : float
+        In-plane step; ``n_psi = ceil(360 / step)`` angles with a random offset
+        per direction (seeded by ``rng``).
+    shifts_yx_px : np.ndarray
+        `(n_shifts, 2)` shift grid.
+    disc : Disc
+        Coefficient selection (on the volume's device).
+    metric : str
+        Distance to prepare vectors for.
+    rng : np.random.Generator
+        Seeded generator for the in-plane offsets.
+    batch_size : int
+        Directions per projection batch.
+    progress : callable, optional
+        Called with the number of directions done after each batch.
+
+    Returns
+    -------
+    Gallery
+    """
+    n_dir = len(directions_rot_tilt_deg)
+    n_psi = max(1, int(math.ceil(360.0 / psi_step_deg - 1e-9)))
+    psi_step = 360.0 / n_psi
+    offsets = rng.uniform(0.0, psi_step, size=(n_dir, 1))
+    psi = (offsets + np.arange(n_psi)[None, :] * psi_step) % 360.0
+    euler0 = np.concatenate([directions_rot_tilt_deg, np.zeros((n_dir, 1))], axis=1)
+    mats = torch.as_tensor(euler_to_matrix(euler0), dtype=torch.float32)
+    device = volume.device
+    coeffs = torch.empty((n_dir * n_psi, disc.n_coeff), dtype=torch.complex64, device=device)
+    for start in range(0, n_dir, batch_size):
+        stop = min(n_dir, start + batch_size)
+        proj = project(volume, mats[start:stop].to(device))  # (b, N, N)
+        b = stop - start
+        rep = proj.repeat_interleave(n_psi, dim=0)
+        angles = torch.as_tensor(psi[start:stop].reshape(-1), dtype=torch.float32, device=device)
+        rotated = rotate_images(rep, angles)
+        coeffs[start * n_psi : stop * n_psi] = images_to_disc(rotated, disc)
+        if progress is not None:
+            progress(b)
+    return Gallery(
+        rot_tilt_deg=np.asarray(directions_rot_tilt_deg, dtype=np.float64),
+        psi_deg=psi,
+        shifts_yx_px=np.asarray(shifts_yx_px, dtype=np.float64),
+        coeffs=coeffs,
+        disc=disc,
+        metric=metric,
+    )

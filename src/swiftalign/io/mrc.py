@@ -1,0 +1,185 @@
+"""MRC maps and MRCS particle stacks (through ``mrcfile``).
+
+Maps are returned as float32 ``(z, y, x)`` arrays with their voxel size in Å.
+Stacks are memory-mapped, so only the images asked for are read.
+Writes are atomic: a temporary name in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from swiftalign.errors import MrcFileError
+
+__all__ = ["MapData", "read_map", "write_map", "open_stack", "write_stack", "atomic_path"]
+
+_HEADER_BYTES = 1024
+
+
+@dataclass
+class MapData:
+    """A 3D map.
+
+    Attributes
+    ----------
+    data : np.ndarray
+        `(d, h, w)` float32 voxel values, zyx order.
+    voxel_size_angstrom : float
+        Voxel size in Å (0 when the header leaves it unset and no override is given).
+    path : Path
+        File the map came from.
+    """
+
+    data: np.ndarray
+    voxel_size_angstrom: float
+    path: Path
+
+
+def _check_size(path: Path, mrc) -> None:
+    """Raise if the file is shorter than its header claims."""
+    h = mrc.header
+    nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+    mode = int(h.mode)
+    item = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
+    if item is None:
+        raise MrcFileError(f"{path}: unsupported MRC mode {mode} (field 'mode')")
+    expected = _HEADER_BYTES + int(h.nsymbt) + nx * ny * nz * item
+    actual = path.stat().st_size
+    if actual < expected:
+        raise MrcFileError(
+            f"{path}: file is truncated: header says {nx}x{ny}x{nz} (mode {mode}) = "
+            f"{expected} bytes, file has {actual} bytes"
+        )
+
+
+def _open(path: Path, *, mmap: bool):
+    if not path.exists():
+        raise MrcFileError(f"{path}: no such file")
+    if path.stat().st_size < _HEADER_BYTES:
+        raise MrcFileError(
+            f"{path}: not an MRC file ({path.stat().st_size} bytes, shorter than a header)"
+        )
+    # Check the declared size from the raw header before mrcfile maps the data,
+    # so an absurd header never allocates or maps more than the file.
+    raw = np.fromfile(path, dtype="<i4", count=56)
+    nx, ny, nz, mode = (int(v) for v in raw[:4])
+    if min(nx, ny, nz) <= 0 or max(nx, ny, nz) > 10**7:
+        swapped = raw.byteswap()
+        nx, ny, nz, mode = (int(v) for v in swapped[:4])
+        if min(nx, ny, nz) <= 0 or max(nx, ny, nz) > 10**7:
+            raise MrcFileError(f"{path}: not an MRC file (header dimensions nx,ny,nz invalid)")
+    opener = mrcfile.mmap if mmap else mrcfile.open
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mrc = opener(path, mode="r", permissive=True)
+    except Exception as exc:  # mrcfile raises ValueError/IndexError on corrupt headers
+        raise MrcFileError(f"{path}: not a readable MRC file ({exc})") from exc
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", stacklevel=3)
+    if mrc.data is None:
+        mrc.close()
+        raise MrcFileError(f"{path}: header could not be parsed as MRC")
+    _check_size(path, mrc)
+    return mrc
+
+
+def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> MapData:
+    """Read a 3D map.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.mrc``/``.map`` file.
+    voxel_size_angstrom : float, optional
+        Override for the header voxel size (use when the header says 0).
+
+    Returns
+    -------
+    MapData
+        `(d, h, w)` float32 data and voxel size in Å.
+
+    Raises
+    ------
+    MrcFileError
+        File missing, truncated, not MRC, not 3D, or with an axis order other
+        than (1, 2, 3) (non-standard MAPC/MAPR/MAPS are refused).
+    """
+    path = Path(path)
+    with _open(path, mmap=False) as mrc:
+        h = mrc.header
+        axes = (int(h.mapc), int(h.mapr), int(h.maps))
+        if axes != (1, 2, 3):
+            raise MrcFileError(
+                f"{path}: axis order MAPC/MAPR/MAPS = {axes} is not (1, 2, 3); "
+                "reorder the map (e.g. relion_image_handler or ChimeraX 'vop') first"
+            )
+        data = np.asarray(mrc.data, dtype=np.float32)
+        vox = float(mrc.voxel_size.x)
+    if data.ndim != 3:
+        raise MrcFileError(f"{path}: expected a 3D map, got shape {data.shape}")
+    if voxel_size_angstrom is not None:
+        vox = float(voxel_size_angstrom)
+    if not np.isfinite(data).all():
+        raise MrcFileError(f"{path}: map contains non-finite values (NaN or Inf)")
+    return MapData(data=np.ascontiguousarray(data), voxel_size_angstrom=vox, path=path)
+
+
+def atomic_path(final: Path) -> Path:
+    """A temporary file name next to ``final`` (same filesystem, for ``os.replace``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write(path: Path, data: np.ndarray, voxel_size_angstrom: float, *, stack: bool) -> None:
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            if stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = (voxel_size_angstrom, voxel_size_angstrom,
+                              voxel_size_angstrom if not stack else 1.0)
+            mrc.update_header_stats()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_map(path: str | Path, data: np.ndarray, voxel_size_angstrom: float) -> None:
+    """Write a `(d, h, w)` map atomically with its voxel size in Å."""
+    _write(Path(path), data, voxel_size_angstrom, stack=False)
+
+
+def write_stack(path: str | Path, images: np.ndarray, pixel_size_angstrom: float) -> None:
+    """Write an `(n, h, w)` image stack atomically (MRC image-stack, ispg 0)."""
+    _write(Path(path), images, pixel_size_angstrom, stack=True)
+
+
+def open_stack(path: str | Path):
+    """Open a particle stack memory-mapped, read-only.
+
+    Returns
+    -------
+    mrcfile.mrcmemmap.MrcMemmap
+        Call ``.close()`` when done. ``.data`` is `(n, h, w)` (a single image is
+        `(h, w)`).
+
+    Raises
+    ------
+    MrcFileError
+        Missing, truncated or non-MRC file.
+    """
+    return _open(Path(path), mmap=True)

@@ -1,0 +1,141 @@
+"""Particle images behind a STAR file's ``rlnImageName`` column.
+
+All stacks are opened (memory-mapped) and every ``N@stack`` reference is
+checked against its stack's header before any long work; images are then read
+in batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from swiftalign.errors import MrcFileError, StarFileError
+from swiftalign.io.mrc import open_stack
+from swiftalign.io.star import ParticleTable, parse_image_name
+
+__all__ = ["ParticleImages"]
+
+
+class ParticleImages:
+    """Random access to the images of a :class:`ParticleTable`.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles whose ``rlnImageName`` entries point at MRC stacks.
+    stack_override : Path, optional
+        Read every image from this stack instead of the file named in the STAR
+        (index kept), e.g. when the STAR names a stack that was renamed.
+
+    Raises
+    ------
+    StarFileError, MrcFileError
+        A stack is missing or unreadable, an index is beyond its stack, or
+        images have different box sizes.
+    """
+
+    def __init__(self, table: ParticleTable, *, stack_override: Path | None = None) -> None:
+        self.table = table
+        star_dir = table.path.parent
+        names = table.image_names()
+        self._index = np.empty(len(names), dtype=np.int64)
+        self._stack_id = np.empty(len(names), dtype=np.int64)
+        paths: dict[Path, int] = {}
+        for i, name in enumerate(names):
+            try:
+                idx, p = parse_image_name(name, star_dir)
+            except StarFileError as exc:
+                raise StarFileError(f"{table.path}: particle {i + 1}: {exc}") from None
+            if stack_override is not None:
+                p = Path(stack_override)
+            self._index[i] = idx
+            self._stack_id[i] = paths.setdefault(p, len(paths))
+        self.stack_paths = list(paths)
+        self._stacks = []
+        box = None
+        for sid, p in enumerate(self.stack_paths):
+            if not p.exists():
+                first = int(np.argmax(self._stack_id == sid))
+                raise MrcFileError(
+                    f"{table.path}: particle {first + 1} rlnImageName {names[first]!r}: "
+                    f"stack {p} does not exist"
+                )
+            mrc = open_stack(p)
+            self._stacks.append(mrc)
+            data = mrc.data
+            n_images = 1 if data.ndim == 2 else data.shape[0]
+            shape = data.shape[-2:]
+            if shape[0] != shape[1]:
+                raise MrcFileError(f"{p}: images are not square ({shape[1]}x{shape[0]})")
+            if box is None:
+                box = int(shape[0])
+            elif box != shape[0]:
+                raise MrcFileError(
+                    f"{p}: box size {shape[0]} differs from {self.stack_paths[0]} ({box})"
+                )
+            sel = self._stack_id == sid
+            too_far = sel & (self._index >= n_images)
+            if too_far.any():
+                i = int(np.argmax(too_far))
+                raise MrcFileError(
+                    f"{table.path}: particle {i + 1} rlnImageName {names[i]!r}: index "
+                    f"{self._index[i] + 1} is beyond stack {p}, which holds {n_images} images"
+                )
+        self.box_size: int = int(box)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        """Close every memory-mapped stack."""
+        for s in self._stacks:
+            s.close()
+        self._stacks = []
+
+    def __enter__(self) -> ParticleImages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Read particles by row number.
+
+        Parameters
+        ----------
+        indices : np.ndarray
+            `(b,)` row numbers in the STAR table.
+
+        Returns
+        -------
+        np.ndarray
+            `(b, N, N)` float32 images.
+
+        Raises
+        ------
+        MrcFileError
+            An image has non-finite pixels (names stack, image number and STAR row).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.box_size, self.box_size), dtype=np.float32)
+        sids = self._stack_id[indices]
+        for sid in np.unique(sids):
+            rows = np.nonzero(sids == sid)[0]
+            data = self._stacks[sid].data
+            if data.ndim == 2:
+                out[rows] = data
+            else:
+                idx = self._index[indices[rows]]
+                order = np.argsort(idx)
+                out[rows[order]] = data[idx[order]]
+        finite = np.isfinite(out).all(axis=(1, 2))
+        if not finite.all():
+            j = int(np.argmax(~finite))
+            row = int(indices[j])
+            raise MrcFileError(
+                f"{self.stack_paths[self._stack_id[row]]}: image {self._index[row] + 1} "
+                f"(STAR {self.table.path.name} particle {row + 1}) has non-finite pixels"
+            )
+        return out

@@ -1,0 +1,393 @@
+"""RELION STAR particle tables (through ``starfile``).
+
+Reads RELION 3.0 single-table files and 3.1+ files with a ``data_optics`` block
+(any block order, several optics groups) into a :class:`ParticleTable` whose
+per-particle optics (pixel size, voltage, Cs, amplitude contrast, box size) are
+resolved once here. Writes RELION 3.1+ files that keep every input column.
+
+Rules
+-----
+- Pixel size: optics ``rlnImagePixelSize`` (3.1+); else per-particle
+  ``rlnDetectorPixelSize`` (µm) · 1e4 / ``rlnMagnification`` (3.0); else
+  ``angpix`` given by the user; else an error asking for ``--angpix``.
+  A user ``angpix`` overrides the file only where the file has none.
+- Per-particle optics columns in a 3.1 file that contradict their optics group:
+  the optics group wins, with a warning.
+- Shifts: ``rlnOriginXAngst/YAngst`` (Å) win over ``rlnOriginX/Y`` (px) when
+  both are present and disagree (warning).
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from swiftalign.errors import StarFileError
+from swiftalign.io.mrc import atomic_path
+
+__all__ = ["ParticleTable", "read_particles", "write_particles", "parse_image_name"]
+
+_OPTICS_FIELDS = {
+    "rlnVoltage": "voltage_kv",
+    "rlnSphericalAberration": "cs_mm",
+    "rlnAmplitudeContrast": "amplitude_contrast",
+}
+
+
+@dataclass
+class ParticleTable:
+    """Particles of one STAR file with their optics resolved per particle.
+
+    Attributes
+    ----------
+    particles : pd.DataFrame
+        The particle block as read (every column kept), one row per particle.
+    optics : pd.DataFrame or None
+        The optics block (3.1+), or None for a 3.0 file.
+    path : Path
+        The STAR file (image paths are relative to its folder).
+    pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast : np.ndarray
+        `(n,)` per-particle optics.
+    other_blocks : dict
+        Any further blocks, kept for writing back.
+    particle_block_name : str
+        Name of the particle block in the input.
+    """
+
+    particles: pd.DataFrame
+    optics: pd.DataFrame | None
+    path: Path
+    pixel_size_angstrom: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    other_blocks: dict = field(default_factory=dict)
+    particle_block_name: str = "particles"
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    def column(self, name: str, default: float | None = None) -> np.ndarray:
+        """A numeric particle column as float64, or ``default`` everywhere."""
+        if name in self.particles:
+            return self.particles[name].to_numpy(dtype=np.float64)
+        if default is None:
+            raise StarFileError(f"{self.path}: particle block has no column '{name}'")
+        return np.full(len(self), float(default))
+
+    def image_names(self) -> list[str]:
+        """The ``rlnImageName`` entries."""
+        if "rlnImageName" not in self.particles:
+            raise StarFileError(f"{self.path}: particle block has no column 'rlnImageName'")
+        return self.particles["rlnImageName"].astype(str).tolist()
+
+    def origins_shift_px(self) -> np.ndarray:
+        """Per-particle shifts `(n, 2)` (y, x) in px, from the origin columns (0 if none)."""
+        from swiftalign.conventions import origin_angstrom_to_shift_px
+
+        df = self.particles
+        ps = self.pixel_size_angstrom
+        has_a = "rlnOriginXAngst" in df and "rlnOriginYAngst" in df
+        has_px = "rlnOriginX" in df and "rlnOriginY" in df
+        origin_a = np.zeros((len(df), 2))
+        if has_a:
+            origin_a = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
+        if has_px:
+            from_px = df[["rlnOriginX", "rlnOriginY"]].to_numpy(np.float64) * ps[:, None]
+            if has_a:
+                if not np.allclose(from_px, origin_a, atol=1e-3 * ps.max()):
+                    warnings.warn(
+                        f"{self.path}: rlnOriginX/Y (px) and rlnOriginX/YAngst (Å) disagree; "
+                        "using rlnOriginX/YAngst",
+                        stacklevel=2,
+                    )
+            else:
+                origin_a = from_px
+        return origin_angstrom_to_shift_px(origin_a, ps)
+
+
+def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
+    if not path.exists():
+        raise StarFileError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if b"\r" in raw:  # Windows / old-Mac line endings: parse as the LF original
+        text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+        source: str | _io.StringIO | Path = text
+    else:
+        text = raw.decode("utf-8", errors="replace")
+        source = path
+    first_data = None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.startswith("data_"):
+            first_data = lineno
+        else:
+            raise StarFileError(
+                f"{path}: not a STAR file (line {lineno}: {s[:60]!r} before any 'data_' block)"
+            )
+        break
+    if first_data is None:
+        raise StarFileError(f"{path}: not a STAR file (no 'data_' block)")
+    try:
+        if isinstance(source, str):
+            with tempfile.TemporaryDirectory() as tmpdir:
+                tmp = Path(tmpdir) / path.name
+                tmp.write_text(source)
+                blocks = starfile.read(tmp, always_dict=True)
+        else:
+            blocks = starfile.read(source, always_dict=True)
+    except Exception as exc:
+        raise StarFileError(f"{path}: cannot parse STAR file ({exc})") from exc
+    return blocks
+
+
+def _find_particle_block(path: Path, blocks: dict) -> str:
+    candidates = [
+        name
+        for name, b in blocks.items()
+        if isinstance(b, pd.DataFrame) and "rlnImageName" in b.columns
+    ]
+    if not candidates:
+        if "particles" in blocks:
+            return "particles"
+        raise StarFileError(f"{path}: no particle block (no block with an 'rlnImageName' column)")
+    if "particles" in candidates:
+        return "particles"
+    return candidates[0]
+
+
+def read_particles(path: str | Path, *, angpix: float | None = None) -> ParticleTable:
+    """Read a RELION particle STAR file.
+
+    Parameters
+    ----------
+    path : str or Path
+        RELION 3.0 or 3.1+ STAR file.
+    angpix : float, optional
+        Pixel size in Å/px to use where the file gives none.
+
+    Returns
+    -------
+    ParticleTable
+
+    Raises
+    ------
+    StarFileError
+        Not a STAR file, no particles, or no pixel size and no ``angpix``.
+    """
+    path = Path(path)
+    blocks = _read_blocks(path)
+    pname = _find_particle_block(path, blocks)
+    particles = blocks[pname]
+    if not isinstance(particles, pd.DataFrame) or len(particles) == 0:
+        raise StarFileError(f"{path}: no particles in {path} (block 'data_{pname}' has no rows)")
+    particles = particles.reset_index(drop=True)
+    optics = blocks.get("optics") if pname != "optics" else None
+    if optics is not None and not isinstance(optics, pd.DataFrame):
+        optics = pd.DataFrame([optics])
+    others = {k: v for k, v in blocks.items() if k not in (pname, "optics")}
+    n = len(particles)
+
+    resolved: dict[str, np.ndarray] = {}
+    if optics is not None and "rlnOpticsGroup" in optics and len(optics):
+        optics = optics.reset_index(drop=True)
+        groups = optics["rlnOpticsGroup"].astype(int).to_numpy()
+        if "rlnOpticsGroup" in particles:
+            pg = particles["rlnOpticsGroup"].astype(int).to_numpy()
+        elif len(optics) == 1:
+            pg = np.full(n, groups[0])
+        else:
+            raise StarFileError(
+                f"{path}: {len(optics)} optics groups but particles have no 'rlnOpticsGroup'"
+            )
+        lookup = {g: i for i, g in enumerate(groups)}
+        missing = sorted(set(pg.tolist()) - set(lookup))
+        if missing:
+            raise StarFileError(
+                f"{path}: rlnOpticsGroup value {missing[0]} has no row in data_optics"
+            )
+        rows = np.array([lookup[g] for g in pg])
+        for col, key in list(_OPTICS_FIELDS.items()) + [("rlnImagePixelSize", "pixel_size")]:
+            if col in optics:
+                vals = optics[col].to_numpy(np.float64)[rows]
+                if col in particles:
+                    per = particles[col].to_numpy(np.float64)
+                    bad = ~np.isclose(per, vals, rtol=1e-4)
+                    if bad.any():
+                        i = int(np.argmax(bad))
+                        warnings.warn(
+                            f"{path}: particle {i + 1} has {col}={per[i]} but its optics group "
+                            f"{pg[i]} says {vals[i]}; the optics group wins",
+                            stacklevel=2,
+                        )
+                resolved[key] = vals
+        if "pixel_size" not in resolved and "rlnDetectorPixelSize" in optics and (
+            "rlnMagnification" in optics
+        ):
+            resolved["pixel_size"] = (
+                optics["rlnDetectorPixelSize"].to_numpy(np.float64)
+                * 1e4
+                / optics["rlnMagnification"].to_numpy(np.float64)
+            )[rows]
+    for col, key in _OPTICS_FIELDS.items():
+        if key not in resolved and col in particles:
+            resolved[key] = particles[col].to_numpy(np.float64)
+    if "pixel_size" not in resolved:
+        if "rlnImagePixelSize" in particles:
+            resolved["pixel_size"] = particles["rlnImagePixelSize"].to_numpy(np.float64)
+        elif "rlnDetectorPixelSize" in particles and "rlnMagnification" in particles:
+            resolved["pixel_size"] = (
+                particles["rlnDetectorPixelSize"].to_numpy(np.float64)
+                * 1e4
+                / particles["rlnMagnification"].to_numpy(np.float64)
+            )
+    if "pixel_size" not in resolved or not np.all(resolved["pixel_size"] > 0):
+        if angpix is None:
+            raise StarFileError(
+                f"{path}: no pixel size (no rlnImagePixelSize, nor rlnDetectorPixelSize with "
+                "rlnMagnification); pass --angpix"
+            )
+        resolved["pixel_size"] = np.full(n, float(angpix))
+    defaults = {"voltage_kv": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
+    for key, default in defaults.items():
+        if key not in resolved:
+            resolved[key] = np.full(n, default)
+    for key, vals in resolved.items():
+        if not np.all(np.isfinite(vals)):
+            i = int(np.argmax(~np.isfinite(vals)))
+            raise StarFileError(f"{path}: particle {i + 1} has non-finite {key} ({vals[i]})")
+    return ParticleTable(
+        particles=particles,
+        optics=optics,
+        path=path,
+        pixel_size_angstrom=resolved["pixel_size"],
+        voltage_kv=resolved["voltage_kv"],
+        cs_mm=resolved["cs_mm"],
+        amplitude_contrast=resolved["amplitude_contrast"],
+        other_blocks=others,
+        particle_block_name=pname,
+    )
+
+
+_IMAGE_NAME = re.compile(r"^\s*(\d+)@(.+?)\s*$")
+
+
+def parse_image_name(name: str, star_dir: Path) -> tuple[int, Path]:
+    """Split ``N@stack.mrcs`` into a 0-based index and a path resolved from ``star_dir``.
+
+    Raises
+    ------
+    StarFileError
+        When ``name`` is not of the form ``N@path`` with N ≥ 1.
+    """
+    m = _IMAGE_NAME.match(name)
+    if not m or int(m.group(1)) < 1:
+        raise StarFileError(f"rlnImageName {name!r} is not of the form N@stack.mrcs (N >= 1)")
+    p = Path(m.group(2))
+    if not p.is_absolute():
+        p = star_dir / p
+    return int(m.group(1)) - 1, p
+
+
+def _optics_for_output(table: ParticleTable, box_size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """An optics block and per-particle group numbers (3.0 inputs get groups built)."""
+    if table.optics is not None and "rlnOpticsGroup" in table.optics:
+        optics = table.optics.copy()
+        if "rlnOpticsGroup" in table.particles:
+            groups = table.particles["rlnOpticsGroup"].astype(int).to_numpy()
+        else:
+            groups = np.full(len(table), int(optics["rlnOpticsGroup"].iloc[0]))
+        if "rlnImagePixelSize" not in optics:
+            ps = {g: table.pixel_size_angstrom[groups == g][0] for g in np.unique(groups)}
+            optics["rlnImagePixelSize"] = [
+                ps.get(int(g), np.nan) for g in optics["rlnOpticsGroup"]
+            ]
+        if "rlnImageSize" not in optics:
+            optics["rlnImageSize"] = box_size
+        if "rlnImageDimensionality" not in optics:
+            optics["rlnImageDimensionality"] = 2
+        return optics, groups
+    keys = np.stack(
+        [table.pixel_size_angstrom, table.voltage_kv, table.cs_mm, table.amplitude_contrast],
+        axis=1,
+    ).round(6)
+    uniq, groups0 = np.unique(keys, axis=0, return_inverse=True)
+    groups = groups0.reshape(-1) + 1
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(uniq))],
+            "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
+            "rlnVoltage": uniq[:, 1],
+            "rlnSphericalAberration": uniq[:, 2],
+            "rlnAmplitudeContrast": uniq[:, 3],
+            "rlnImagePixelSize": uniq[:, 0],
+            "rlnImageSize": box_size,
+            "rlnImageDimensionality": 2,
+        }
+    )
+    return optics, groups
+
+
+def write_particles(
+    path: str | Path,
+    table: ParticleTable,
+    *,
+    box_size: int,
+    updates: dict[str, np.ndarray] | None = None,
+    keep: np.ndarray | None = None,
+) -> None:
+    """Write a RELION 3.1+ particle STAR file atomically.
+
+    Every input column is kept; ``updates`` adds or replaces columns (e.g.
+    ``rlnAngleRot``…, ``rlnOriginXAngst``…). Pixel-unit origins
+    (``rlnOriginX/Y``) are dropped when Å origins are written, so a file never
+    carries two disagreeing shifts.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file; written to a temporary name, then renamed.
+    table : ParticleTable
+        The particles as read.
+    box_size : int
+        Particle box size in px (for the optics block).
+    updates : dict of str to np.ndarray, optional
+        `(n,)` columns to add or replace.
+    keep : np.ndarray, optional
+        `(n,)` bool mask of particles to write.
+    """
+    path = Path(path)
+    particles = table.particles.copy()
+    optics, groups = _optics_for_output(table, box_size)
+    particles["rlnOpticsGroup"] = groups
+    for name, values in (updates or {}).items():
+        particles[name] = np.asarray(values)
+    if updates and "rlnOriginXAngst" in updates:
+        particles = particles.drop(columns=["rlnOriginX", "rlnOriginY"], errors="ignore")
+    if keep is not None:
+        particles = particles[np.asarray(keep, bool)].reset_index(drop=True)
+    for col in particles.columns:
+        if particles[col].dtype.kind == "f":
+            if not np.isfinite(particles[col].to_numpy()).all():
+                raise ValueError(f"refusing to write non-finite values in column {col}")
+    blocks = {"optics": optics, "particles": particles}
+    for name, block in table.other_blocks.items():
+        blocks.setdefault(name, block)
+    tmp = atomic_path(path)
+    try:
+        starfile.write(blocks, tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

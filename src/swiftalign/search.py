@@ -1,0 +1,488 @@
+"""Nearest-neighbour search of particles in the reference set (FAISS).
+
+Two paths share one interface, :func:`search_gallery`:
+
+- ``Flat``: exact exhaustive search. The reference set is regenerated block by
+  block from the rotated gallery (:class:`~swiftalign.gallery.Gallery`), each
+  block is scored against every particle (one GEMM) and the best ``k`` are
+  merged across blocks, so memory stays within the budget however many poses
+  there are.
+- any other FAISS factory string (``PCA128,Flat``, ``IVF1024,PQ32``,
+  ``OPQ32_128,IVF1024,PQ32`` …): an index is trained on augmented references,
+  populated block by block, and queried for ``rerank`` candidates per particle,
+  which are then re-scored exactly from their regenerated vectors (thesis
+  §4.1; compression alone loses accuracy).
+
+Vectors are zero-padded to a multiple of 64 components (does not change any
+distance) so that PQ and OPQ sub-quantisers divide the dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from swiftalign.fourier import disc_to_vectors, normalise_vectors, shift_phase_ramps
+from swiftalign.gallery import Gallery
+
+__all__ = [
+    "SearchResult",
+    "IndexSettings",
+    "auto_index_factory",
+    "search_gallery",
+    "merge_topk",
+]
+
+log = logging.getLogger(__name__)
+
+_PAD = 64
+
+
+@dataclass
+class SearchResult:
+    """Best matches per particle.
+
+    Attributes
+    ----------
+    distances : np.ndarray
+        `(n_particles, k)` squared L2 distances between prepared vectors
+        (for ``cosine``: ``2 − 2·cos``), ascending.
+    ids : np.ndarray
+        `(n_particles, k)` int64 reference ids (see :class:`Gallery.poses`).
+    timings : dict
+        Seconds spent in ``train``, ``populate``, ``query`` (and ``tune``).
+    nprobe : int or None
+        The ``nprobe`` used (IVF indexes).
+    recall : float or None
+        Measured recall of the exact nearest neighbour among the candidates at
+        that ``nprobe`` on held-out vectors.
+    bytes_per_pose : float
+        Memory of the index per reference pose.
+    """
+
+    distances: np.ndarray
+    ids: np.ndarray
+    timings: dict = field(default_factory=dict)
+    nprobe: int | None = None
+    recall: float | None = None
+    bytes_per_pose: float = 0.0
+
+
+@dataclass
+class IndexSettings:
+    """How to search.
+
+    Attributes
+    ----------
+    factory : str
+        FAISS factory string, ``Flat`` (exact) or ``auto``.
+    rerank : int
+        Candidates per particle re-scored exactly (compressed indexes).
+    nprobe : int or None
+        IVF lists visited; ``None`` tunes it to ``target_recall``.
+    target_recall : float
+        Recall of the exact nearest neighbour among the candidates that the
+        tuned ``nprobe`` must reach on held-out augmented references.
+    max_memory_bytes : int
+        Budget for blocks of regenerated vectors and score matrices.
+    n_train : int or None
+        Training vectors (default from the factory).
+    seed : int
+        Seed for training-set augmentation.
+    """
+
+    factory: str = "auto"
+    rerank: int = 100
+    nprobe: int | None = None
+    target_recall: float = 0.95
+    max_memory_bytes: int = 2 * 1024**3
+    n_train: int | None = None
+    seed: int = 0
+
+
+def auto_index_factory(n_poses: int, dim: int) -> str:
+    """Pick an index for a reference-set size and vector length.
+
+    Up to 200,000 poses the exact search is fast enough and is used. Beyond,
+    ``IVF{nlist},PQ{m}`` with ``nlist ≈ sqrt(n_poses)`` (power of two) and
+    ``m = 32`` sub-quantisers (32 bytes of code + 8 of id per pose), ``m = 16``
+    for short vectors.
+
+    Parameters
+    ----------
+    n_poses : int
+        Reference-set size.
+    dim : int
+        Search-vector length.
+
+    Returns
+    -------
+    str
+        A FAISS factory string.
+    """
+    if n_poses <= 200_000:
+        return "Flat"
+    nlist = 2 ** int(round(math.log2(math.sqrt(n_poses))))
+    nlist = int(min(max(nlist, 64), 16384))
+    m = 32 if dim >= 128 else 16
+    return f"IVF{nlist},PQ{m}"
+
+
+def _padded_dim(dim: int, factory: str) -> int:
+    mult = _PAD
+    for m in re.findall(r"(?:PQ|OPQ)(\d+)", factory):
+        mult = math.lcm(mult, int(m))
+    return int(math.ceil(dim / mult) * mult)
+
+
+def _pad(x: torch.Tensor, dim: int) -> np.ndarray:
+    x = x.detach().to("cpu", torch.float32)
+    if x.shape[-1] < dim:
+        x = torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
+    return np.ascontiguousarray(x.numpy())
+
+
+def merge_topk(
+    best_d: torch.Tensor | None,
+    best_i: torch.Tensor | None,
+    new_d: torch.Tensor,
+    new_i: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two `(n, *)` candidate lists into the `k` smallest distances.
+
+    Parameters
+    ----------
+    best_d, best_i : torch.Tensor or None
+        `(n, k0)` current distances and ids (None at the start).
+    new_d, new_i : torch.Tensor
+        `(n, k1)` new distances and ids.
+    k : int
+        Entries to keep.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        `(n, min(k, k0 + k1))` distances ascending and their ids.
+    """
+    if best_d is None:
+        d, i = new_d, new_i
+    else:
+        d = torch.cat([best_d, new_d], dim=1)
+        i = torch.cat([best_i, new_i], dim=1)
+    kk = min(k, d.shape[1])
+    d, order = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+    return d, torch.gather(i, 1, order)
+
+
+def _block_images(gallery: Gallery, budget: int, n_queries: int) -> int:
+    """Rotated-gallery images per block so that vectors and scores fit in ``budget`` bytes."""
+    per_image = gallery.n_shifts * (gallery.disc.dim * 4 * 3 + max(n_queries, 1) * 4)
+    return max(1, int(budget // max(per_image, 1)))
+
+
+def _exact_search(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    ctf_disc: torch.Tensor | None,
+    budget: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exhaustive search, reference blocks regenerated on the fly."""
+    q = queries.to(gallery.coeffs.device)
+    q_norm = (q * q).sum(dim=1, keepdim=True)
+    step = _block_images(gallery, budget, q.shape[0])
+    best_d = best_i = None
+    for start in range(0, gallery.n_images, step):
+        stop = min(gallery.n_images, start + step)
+        vecs, ids = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
+        d = q_norm + (vecs * vecs).sum(dim=1)[None, :] - 2.0 * (q @ vecs.T)
+        kk = min(k, d.shape[1])
+        dk, ik = torch.topk(d, kk, dim=1, largest=False)
+        best_d, best_i = merge_topk(best_d, best_i, dk, ids[ik], k)
+        if progress is not None:
+            progress(stop - start)
+    return best_d, best_i
+
+
+def _rerank(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    *,
+    ctf_disc: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distances to candidate ids `(n, c)`; keep the best `k`."""
+    device = gallery.coeffs.device
+    n, c = candidates.shape
+    per_query = c * gallery.disc.dim * 4 * 4
+    step = max(1, int(budget // max(per_query, 1)))
+    out_d, out_i = [], []
+    for start in range(0, n, step):
+        cand = candidates[start : start + step].to(device)
+        valid = cand >= 0
+        safe = torch.where(valid, cand, torch.zeros_like(cand))
+        vecs = gallery.vectors(safe, ctf_disc=ctf_disc)  # (b, c, dim)
+        q = queries[start : start + step].to(device)
+        d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
+        d = torch.where(valid, d, torch.full_like(d, float("inf")))
+        dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
+        out_d.append(dk)
+        out_i.append(torch.gather(safe, 1, order))
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _augmented_vectors(
+    gallery: Gallery,
+    n: int,
+    rng: np.random.Generator,
+    ctf_disc_pool: torch.Tensor | None,
+) -> torch.Tensor:
+    """Random gallery images with a random continuous shift (and random CTF).
+
+    The rotated gallery already carries a random in-plane offset per direction;
+    drawing random images with off-grid shifts gives training vectors that are
+    not the reference vectors themselves.
+    """
+    device = gallery.coeffs.device
+    images = torch.as_tensor(rng.integers(0, gallery.n_images, n), device=device)
+    max_shift = float(np.abs(gallery.shifts_yx_px).max()) if gallery.n_shifts > 1 else 0.0
+    radius = max_shift * np.sqrt(rng.uniform(0, 1, n))
+    angle = rng.uniform(0, 2 * np.pi, n)
+    shifts = np.stack([radius * np.sin(angle), radius * np.cos(angle)], axis=1)
+    ramps = shift_phase_ramps(
+        gallery.disc.freqs_yx, torch.as_tensor(shifts, dtype=torch.float32, device=device)
+    )
+    coeffs = gallery.coeffs[images] * ramps
+    if ctf_disc_pool is not None:
+        pick = torch.as_tensor(rng.integers(0, ctf_disc_pool.shape[0], n), device=device)
+        coeffs = coeffs * ctf_disc_pool[pick]
+    return normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+
+
+class TrainedIndex:
+    """A trained FAISS index that can be (re)populated from a gallery.
+
+    Parameters
+    ----------
+    factory : str
+        FAISS factory string (not ``Flat``).
+    dim : int
+        Search-vector length before padding.
+    device : str
+        ``cpu`` or ``cuda`` (GPU FAISS when available).
+
+    Raises
+    ------
+    ValueError
+        When FAISS rejects the factory string.
+    """
+
+    def __init__(self, factory: str, dim: int, *, device: str = "cpu") -> None:
+        import faiss
+
+        self.factory = factory
+        self.dim = dim
+        self.padded_dim = _padded_dim(dim, factory)
+        try:
+            self.index = faiss.index_factory(self.padded_dim, factory, faiss.METRIC_L2)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
+            raise ValueError(
+                f"--index {factory!r} is not a valid FAISS factory string for vectors of "
+                f"{self.padded_dim} components ({first})"
+            ) from None
+        self.device = device
+        if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
+            self._gpu_res = faiss.StandardGpuResources()
+            try:
+                self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+            except Exception as exc:  # some index types have no GPU version
+                log.warning("FAISS index %s stays on CPU: %s", factory, exc)
+
+    @property
+    def ivf(self):
+        import faiss
+
+        try:
+            return faiss.extract_index_ivf(self.index)
+        except RuntimeError:
+            return None
+
+    def train(self, vectors: torch.Tensor) -> None:
+        """Train on `(n, dim)` vectors."""
+        self.index.train(_pad(vectors, self.padded_dim))
+
+    def reset(self) -> None:
+        self.index.reset()
+
+    def add(self, vectors: torch.Tensor) -> None:
+        """Append `(n, dim)` vectors; their ids continue from ``ntotal``."""
+        self.index.add(_pad(vectors, self.padded_dim))
+
+    def set_nprobe(self, nprobe: int) -> None:
+        ivf = self.ivf
+        if ivf is not None:
+            ivf.nprobe = int(nprobe)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(n, dim)` queries → `(n, k)` approximate distances and ids (−1 when missing)."""
+        d, i = self.index.search(_pad(queries, self.padded_dim), k)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+    def bytes_per_pose(self) -> float:
+        """Serialised index size over its number of vectors."""
+        import faiss
+
+        index = self.index
+        if hasattr(faiss, "index_gpu_to_cpu") and self.device.startswith("cuda"):
+            try:
+                index = faiss.index_gpu_to_cpu(index)
+            except Exception:
+                pass
+        n = max(1, index.ntotal)
+        return float(faiss.serialize_index(index).nbytes) / n
+
+
+def search_gallery(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    *,
+    k: int = 1,
+    settings: IndexSettings,
+    ctf_groups: list[tuple[np.ndarray, torch.Tensor]] | None = None,
+    ctf_disc_pool: torch.Tensor | None = None,
+    device: str = "cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SearchResult:
+    """Find the ``k`` nearest reference poses of every particle.
+
+    Parameters
+    ----------
+    gallery : Gallery
+        Reference set.
+    queries : torch.Tensor
+        `(n_particles, dim)` prepared particle vectors.
+    k : int
+        Matches per particle.
+    settings : IndexSettings
+        Index type and budget.
+    ctf_groups : list of (np.ndarray, torch.Tensor), optional
+        Reference CTF mode: for each CTF group, the particle rows `(m,)` and the
+        group's CTF on the disc `(n_coeff,)`; the index is populated once per
+        group with CTF-modulated references. ``None``: one CTF-free reference set.
+    ctf_disc_pool : torch.Tensor, optional
+        `(p, n_coeff)` CTFs drawn at random to augment training vectors.
+    device : str
+        ``cpu`` or ``cuda``.
+    progress : callable, optional
+        ``progress(step_name, done, total)``.
+
+    Returns
+    -------
+    SearchResult
+
+    Raises
+    ------
+    ValueError
+        Invalid factory string.
+    """
+    n = queries.shape[0]
+    factory = settings.factory
+    if factory.strip().lower() == "auto":
+        factory = auto_index_factory(gallery.n_poses, gallery.disc.dim)
+    groups = ctf_groups or [(np.arange(n), None)]
+    timings = {"train": 0.0, "populate": 0.0, "query": 0.0, "tune": 0.0}
+    out_d = np.full((n, k), np.inf, dtype=np.float32)
+    out_i = np.full((n, k), -1, dtype=np.int64)
+    budget = settings.max_memory_bytes
+
+    def report(step: str):
+        done = [0]
+
+        def cb(m: int) -> None:
+            done[0] += m
+            if progress is not None:
+                progress(step, done[0], gallery.n_images)
+
+        return cb
+
+    if factory.strip().lower() == "flat":
+        t0 = time.perf_counter()
+        for rows, ctf_disc in groups:
+            d, i = _exact_search(
+                gallery, queries[rows], k, ctf_disc=ctf_disc, budget=budget,
+                progress=report("search (exact)"),
+            )
+            out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
+        timings["query"] = time.perf_counter() - t0
+        return SearchResult(
+            out_d, out_i, timings, None, 1.0, bytes_per_pose=0.0
+        )
+
+    rng = np.random.default_rng(settings.seed)
+    index = TrainedIndex(factory, gallery.disc.dim, device=device)
+    ivf = index.ivf
+    nlist = int(ivf.nlist) if ivf is not None else 0
+    n_train = settings.n_train or int(min(gallery.n_poses, max(64 * max(nlist, 1), 20_000), 300_000))
+    t0 = time.perf_counter()
+    train = _augmented_vectors(gallery, n_train, rng, ctf_disc_pool)
+    index.train(train)
+    del train
+    timings["train"] = time.perf_counter() - t0
+
+    n_cand = max(k, settings.rerank)
+    step = _block_images(gallery, budget, 0)
+    nprobe_used = None
+    recall = None
+    for gi, (rows, ctf_disc) in enumerate(groups):
+        t0 = time.perf_counter()
+        index.reset()
+        cb = report("populate index")
+        for start in range(0, gallery.n_images, step):
+            stop = min(gallery.n_images, start + step)
+            vecs, _ = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
+            index.add(vecs)
+            cb(stop - start)
+        timings["populate"] += time.perf_counter() - t0
+        if gi == 0:
+            t0 = time.perf_counter()
+            if ivf is not None and settings.nprobe is None:
+                held = _augmented_vectors(gallery, 256, rng, ctf_disc_pool)
+                if ctf_disc is not None:
+                    held = _augmented_vectors(gallery, 256, rng, ctf_disc[None])
+                _, exact_i = _exact_search(gallery, held, 1, ctf_disc=ctf_disc, budget=budget)
+                exact_i = exact_i[:, 0].cpu()
+                nprobe = 1
+                while True:
+                    index.set_nprobe(nprobe)
+                    _, cand = index.search(held, n_cand)
+                    recall = float((cand == exact_i[:, None]).any(dim=1).float().mean())
+                    if recall >= settings.target_recall or nprobe >= nlist:
+                        break
+                    nprobe = min(nlist, nprobe * 2)
+                nprobe_used = nprobe
+                log.info("nprobe %d reaches recall %.3f of the exact neighbour", nprobe, recall)
+            elif ivf is not None:
+                nprobe_used = int(settings.nprobe)
+                index.set_nprobe(nprobe_used)
+            timings["tune"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, cand = index.search(queries[rows], n_cand)
+        d, i = _rerank(gallery, queries[rows], cand, k, ctf_disc=ctf_disc, budget=budget)
+        out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
+        timings["query"] += time.perf_counter() - t0
+    return SearchResult(
+        out_d, out_i, timings, nprobe_used, recall, bytes_per_pose=index.bytes_per_pose()
+    )
