@@ -31,6 +31,7 @@ from swiftalign.gallery import Gallery, build_gallery
 from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable
+from swiftalign.local_search import refine_local
 from swiftalign.sampling import (
     angular_step_deg,
     directions_to_rot_tilt,
@@ -38,7 +39,8 @@ from swiftalign.sampling import (
     shift_grid_px,
     shift_step_px,
 )
-from swiftalign.search import IndexSettings, SearchResult, search_gallery
+from swiftalign.projection import VolumeSpectrum
+from swiftalign.search import IndexSettings, SearchResult, rescore, search_gallery
 from swiftalign.symmetry import parse_symmetry, symmetry_matrices
 
 __all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling"]
@@ -72,6 +74,10 @@ class AlignConfig(BaseModel):
     device: str = "cpu"
     max_memory_gb: float = Field(default=2.0, gt=0)
     seed: int = 0
+    ctf_candidates: int = Field(
+        default=20, ge=1, description="global candidates re-scored with each particle's CTF"
+    )
+    local_rounds: int = Field(default=2, ge=0, description="local refinement rounds (0: off)")
     ctf_group_phase_rad: float = Field(default=math.pi / 4, gt=0)
 
     def symmetry_checked(self) -> str:
@@ -173,8 +179,8 @@ def particle_vectors(
     device: str = "cpu",
     batch_size: int = 512,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Particles → prepared search vectors.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Particles → prepared search vectors, with and without CTF correction.
 
     Parameters
     ----------
@@ -183,25 +189,34 @@ def particle_vectors(
     disc : Disc
         Coefficient selection.
     ctf : CtfParams or None
-        When given, each particle is multiplied by its Wiener filter (thesis
-        §4.2) before the disc is cut; ``None`` leaves particles as they are.
+        When given, the first output has each particle multiplied by its
+        Wiener filter ``C / (C² + c)`` (thesis §4.2).
     pixel_size_angstrom : float
         Particle pixel size.
     metric : str
         ``l2``, ``cosine`` or ``pearson``.
+    wiener_constant : float
+        ``c`` as a fraction of the mean of ``C²``.
 
     Returns
     -------
-    torch.Tensor
-        `(n, dim)` float32 on ``device``.
+    corrected : torch.Tensor
+        `(n, dim)` float32 Wiener-corrected vectors (same as ``raw`` without ``ctf``).
+    raw : torch.Tensor
+        `(n, dim)` float32 vectors of the particles as recorded.
     """
     n = len(images)
-    out = torch.empty((n, disc.dim), dtype=torch.float32, device=device)
+    raw = torch.empty((n, disc.dim), dtype=torch.float32, device=device)
+    corrected = torch.empty_like(raw) if ctf is not None else raw
     disc_dev = disc.to(device)
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
         batch = torch.as_tensor(images.read(rows), device=device)
         spectra = centred_rfft2(batch)
+        sl = slice(start, start + len(rows))
+        raw[sl] = normalise_vectors(
+            disc_to_vectors(extract_disc(spectra, disc_dev), disc.box_size), metric
+        )
         if ctf is not None:
             c = ctf_rfft2(
                 ctf.subset(rows),
@@ -210,13 +225,28 @@ def particle_vectors(
                 device=device,
             )
             spectra = spectra * wiener_filter(c, constant_fraction=wiener_constant)
-        coeffs = extract_disc(spectra, disc_dev)
-        out[start : start + len(rows)] = normalise_vectors(
-            disc_to_vectors(coeffs, disc.box_size), metric
-        )
+            corrected[sl] = normalise_vectors(
+                disc_to_vectors(extract_disc(spectra, disc_dev), disc.box_size), metric
+            )
         if progress is not None:
             progress(len(rows))
-    return out
+    return corrected, raw
+
+
+def particle_ctf_disc(
+    ctf: CtfParams,
+    rows: np.ndarray,
+    disc: Disc,
+    *,
+    pixel_size_angstrom: float,
+    device: str,
+) -> torch.Tensor:
+    """`(m, n_coeff)` complex64 CTF of particles ``rows`` on the disc."""
+    c = ctf_rfft2(
+        ctf.subset(rows), pixel_size_angstrom=pixel_size_angstrom,
+        box_size=disc.box_size, device=device,
+    )
+    return extract_disc(c.to(torch.complex64), disc.to(device))
 
 
 def _ctf_groups(
@@ -377,7 +407,7 @@ def align_particles(
         return cb
 
     t0 = time.perf_counter()
-    queries = particle_vectors(
+    queries, raw_queries = particle_vectors(
         images,
         disc,
         ctf=ctf if config.ctf_mode == "wiener" else None,
@@ -442,10 +472,13 @@ def align_particles(
         max_memory_bytes=int(config.max_memory_gb * 1024**3),
         seed=config.seed,
     )
+    # With a CTF, the index proposes candidates and the particle's own CTF
+    # decides among them (exact forward model, no Wiener bias).
+    n_candidates = max(config.k, config.ctf_candidates) if ctf is not None else config.k
     result = search_gallery(
         gallery,
         queries,
-        k=config.k,
+        k=n_candidates,
         settings=settings,
         ctf_groups=ctf_groups,
         ctf_disc_pool=ctf_pool,
@@ -453,8 +486,44 @@ def align_particles(
         progress=progress,
     )
     timings.update(result.timings)
-    euler, shift = gallery.poses(result.ids)
-    dist = result.distances.astype(np.float64)
+    ids, dist_t = result.ids, result.distances
+    if ctf is not None:
+        t0 = time.perf_counter()
+        out_i, out_d = [], []
+        step = 4096
+        for start in range(0, len(images), step):
+            rows = np.arange(start, min(len(images), start + step))
+            cdisc = particle_ctf_disc(ctf, rows, disc, pixel_size_angstrom=pixel_size,
+                                      device=device)
+            d, i = rescore(
+                gallery, raw_queries[rows], torch.as_tensor(ids[rows]), config.k,
+                ctf_disc=cdisc,
+            )
+            out_d.append(d.cpu().numpy())
+            out_i.append(i.cpu().numpy())
+        ids, dist_t = np.concatenate(out_i), np.concatenate(out_d)
+        timings["ctf_rescore"] = time.perf_counter() - t0
+    euler, shift = gallery.poses(ids)
+    dist = dist_t.astype(np.float64)
+    del gallery
+    if config.local_rounds > 0:
+        t0 = time.perf_counter()
+        e1, s1, d1 = refine_local(
+            VolumeSpectrum(volume),
+            raw_queries,
+            euler[:, 0],
+            shift[:, 0],
+            disc=disc,
+            metric=config.metric,
+            angle_step_deg=sampling.angular_step_deg / 2.0,
+            shift_step_px=sampling.shift_step_px / 2.0,
+            rounds=config.local_rounds,
+            ctf=ctf,
+            pixel_size_angstrom=pixel_size,
+            progress=step_progress("local search", len(images) * config.local_rounds),
+        )
+        euler[:, 0], shift[:, 0], dist[:, 0] = e1, s1, d1
+        timings["local"] = time.perf_counter() - t0
     score = 1.0 - dist / 2.0 if config.metric in ("cosine", "pearson") else -dist
     return AlignmentResult(
         euler_deg=euler,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch_fourier_slice import project_3d_to_2d
 
-__all__ = ["project"]
+__all__ = ["project", "VolumeSpectrum"]
 
 
 def project(
@@ -46,3 +46,76 @@ def project(
         d = volume.shape[-1]
         return volume.new_zeros((0, d, d))
     return torch.cat(out)
+
+
+class VolumeSpectrum:
+    """A map's oversampled Fourier transform, for slicing at disc frequencies only.
+
+    Central slices are taken only where the search vector needs them
+    (``torch-fourier-slice`` with ``fftfreq_max`` = disc radius), which makes
+    per-particle local searches cheap. The map is zero-padded to ``2N`` with
+    its centre (``N // 2``) moved to the padded centre, so the disc frequencies
+    ``j / N`` fall exactly on every other sample of the padded grid; it is
+    divided by sinc² (trilinear-interpolation correction) as
+    :func:`torch_fourier_slice.project_3d_to_2d` does.
+    Equals :func:`project` followed by the disc cut for maps whose density
+    lies inside the inscribed sphere.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        `(N, N, N)` map.
+    """
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        from torch_fourier_slice.volume_utils import (
+            compute_cube_face_averages,
+            separable_sinc2_correction,
+        )
+
+        n = volume.shape[-1]
+        self.box_size = n
+        vol = volume - compute_cube_face_averages(volume, n=4)
+        left, right = n - n // 2, n // 2
+        vol = torch.nn.functional.pad(vol, [left, right] * 3)
+        vol = vol / separable_sinc2_correction(tuple(vol.shape), device=vol.device)
+        dft = torch.fft.rfftn(torch.fft.ifftshift(vol, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+        self.rfft = torch.fft.fftshift(dft, dim=(-3, -2))
+        self.padded = 2 * n
+
+    def _flat_indices(self, disc) -> torch.Tensor:
+        m = self.padded
+        j_y = torch.round(disc.freqs_yx[:, 0].double() * m).long() + m // 2
+        j_x = torch.round(disc.freqs_yx[:, 1].double() * m).long()
+        return (j_y * (m // 2 + 1) + j_x).to(self.rfft.device)
+
+    def slice_disc(self, matrices: torch.Tensor, disc, *, batch_size: int = 1024) -> torch.Tensor:
+        """Disc coefficients of projections at RELION poses.
+
+        Parameters
+        ----------
+        matrices : torch.Tensor
+            `(b, 3, 3)` RELION matrices ``A``.
+        disc : Disc
+            Coefficient selection for box ``N``.
+
+        Returns
+        -------
+        torch.Tensor
+            `(b, n_coeff)` complex64, as :func:`swiftalign.fourier.images_to_disc`
+            of the projections.
+        """
+        from torch_fourier_slice import extract_central_slices_rfft_3d
+
+        if disc.box_size != self.box_size:
+            raise ValueError(f"disc is for box {disc.box_size}, map is {self.box_size}")
+        idx = self._flat_indices(disc)
+        mats = matrices.to(self.rfft.device, torch.float32).transpose(-1, -2)
+        out = []
+        for start in range(0, mats.shape[0], batch_size):
+            slices = extract_central_slices_rfft_3d(
+                self.rfft, mats[start : start + batch_size],
+                fftfreq_max=disc.radius_fftfreq + 1e-6,
+            )  # (b, 2N, N + 1) fftshifted rfft
+            out.append(slices.flatten(-2)[..., idx])
+        return torch.cat(out).to(torch.complex64)

@@ -38,6 +38,7 @@ __all__ = [
     "auto_index_factory",
     "search_gallery",
     "merge_topk",
+    "rescore",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,26 +215,50 @@ def _exact_search(
     return best_d, best_i
 
 
-def _rerank(
+def rescore(
     gallery: Gallery,
     queries: torch.Tensor,
     candidates: torch.Tensor,
     k: int,
     *,
-    ctf_disc: torch.Tensor | None,
-    budget: int,
+    ctf_disc: torch.Tensor | None = None,
+    budget: int = 512 * 1024**2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact distances to candidate ids `(n, c)`; keep the best `k`."""
+    """Exact distances to candidate reference ids; keep the best ``k``.
+
+    Parameters
+    ----------
+    gallery : Gallery
+        Reference set the ids refer to.
+    queries : torch.Tensor
+        `(n, dim)` prepared particle vectors.
+    candidates : torch.Tensor
+        `(n, c)` int64 reference ids (−1 entries are ignored).
+    k : int
+        Matches to keep.
+    ctf_disc : torch.Tensor, optional
+        CTF on the disc applied to the references: `(n_coeff,)` shared by all
+        particles, or `(n, n_coeff)` one per particle.
+    budget : int
+        Bytes for regenerated vectors per chunk.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        `(n, min(k, c))` distances ascending and ids.
+    """
     device = gallery.coeffs.device
     n, c = candidates.shape
     per_query = c * gallery.disc.dim * 4 * 4
     step = max(1, int(budget // max(per_query, 1)))
+    per_particle = ctf_disc is not None and ctf_disc.ndim == 2
     out_d, out_i = [], []
     for start in range(0, n, step):
         cand = candidates[start : start + step].to(device)
         valid = cand >= 0
         safe = torch.where(valid, cand, torch.zeros_like(cand))
-        vecs = gallery.vectors(safe, ctf_disc=ctf_disc)  # (b, c, dim)
+        ctf = ctf_disc[start : start + step, None, :].to(device) if per_particle else ctf_disc
+        vecs = gallery.vectors(safe, ctf_disc=ctf)  # (b, c, dim)
         q = queries[start : start + step].to(device)
         d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
         d = torch.where(valid, d, torch.full_like(d, float("inf")))
@@ -480,7 +505,7 @@ def search_gallery(
             timings["tune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _, cand = index.search(queries[rows], n_cand)
-        d, i = _rerank(gallery, queries[rows], cand, k, ctf_disc=ctf_disc, budget=budget)
+        d, i = rescore(gallery, queries[rows], cand, k, ctf_disc=ctf_disc, budget=budget)
         out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
         timings["query"] += time.perf_counter() - t0
     return SearchResult(

@@ -1,0 +1,146 @@
+"""Local refinement of each particle's pose around its global match.
+
+The global search can only return a pose of the reference grid, so its error
+is bounded below by the sampling (about ΔΦ/2). Around the best global pose
+``(A₀, s₀)`` each particle is compared with fresh projections at
+``A = R(δ)·A₀`` for rotation vectors ``δ`` on a 3×3×3 grid of spacing ``a``
+(in the image frame, so ``δ_z`` is the in-plane angle) and shifts
+``s₀ + (i, j)·b`` for ``i, j ∈ {−1, 0, 1}``; the best becomes the new centre
+and the steps are halved for the next round (thesis §7.3 suggests this
+coarse-to-fine refinement as future work).
+
+Distances use the global search's disc and metric; when CTF parameters are
+given the particle's own CTF is applied to the projections and compared with
+the uncorrected particle (the exact forward model, whatever the CTF mode of the
+global search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+from swiftalign.conventions import euler_to_matrix, matrix_to_euler
+from swiftalign.ctf import CtfParams, ctf_rfft2
+from swiftalign.fourier import (
+    Disc,
+    disc_to_vectors,
+    extract_disc,
+    normalise_vectors,
+    shift_phase_ramps,
+)
+from swiftalign.projection import VolumeSpectrum
+
+__all__ = ["refine_local"]
+
+
+def _offsets(step: float) -> np.ndarray:
+    ax = np.array([-1.0, 0.0, 1.0]) * step
+    return np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+
+
+def refine_local(
+    spectrum: VolumeSpectrum,
+    queries: torch.Tensor,
+    euler_deg: np.ndarray,
+    shift_yx_px: np.ndarray,
+    *,
+    disc: Disc,
+    metric: str,
+    angle_step_deg: float,
+    shift_step_px: float,
+    rounds: int = 2,
+    ctf: CtfParams | None = None,
+    pixel_size_angstrom: float = 1.0,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coarse-to-fine local search around given poses.
+
+    Parameters
+    ----------
+    spectrum : VolumeSpectrum
+        The reference map's oversampled transform (on the compute device).
+    queries : torch.Tensor
+        `(n, dim)` prepared particle vectors (as for the global search).
+    euler_deg : np.ndarray
+        `(n, 3)` starting RELION Euler angles.
+    shift_yx_px : np.ndarray
+        `(n, 2)` starting shifts (y, x) in px.
+    disc : Disc
+        Coefficient selection.
+    metric : str
+        ``l2``, ``cosine`` or ``pearson``.
+    angle_step_deg : float
+        First-round rotation step ``a`` (degrees); halved every round.
+    shift_step_px : float
+        First-round shift step ``b`` (px); halved every round.
+    rounds : int
+        Number of rounds.
+    ctf : CtfParams, optional
+        Per-particle CTF applied to the projections (then ``queries`` must be
+        the particles without CTF correction).
+    pixel_size_angstrom : float
+        Pixel size for the CTF.
+    batch_size : int
+        Particles per batch.
+
+    Returns
+    -------
+    euler_deg : np.ndarray
+        `(n, 3)` refined angles.
+    shift_yx_px : np.ndarray
+        `(n, 2)` refined shifts.
+    distance : np.ndarray
+        `(n,)` squared distance of the refined pose.
+    """
+    device = spectrum.rfft.device
+    n = queries.shape[0]
+    box = disc.box_size
+    disc_dev = disc.to(device)
+    mats = euler_to_matrix(euler_deg)
+    shifts = np.asarray(shift_yx_px, dtype=np.float64).copy()
+    dist = np.full(n, np.inf)
+    grid2 = np.stack(np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], indexing="ij"), -1)
+    grid2 = grid2.reshape(-1, 2)
+    for r in range(rounds):
+        a = angle_step_deg / (2**r)
+        b = shift_step_px / (2**r)
+        deltas = Rotation.from_rotvec(np.radians(_offsets(a))).as_matrix()  # (27, 3, 3)
+        n_rot = len(deltas)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            m = stop - start
+            cand = np.einsum("rij,njk->nrik", deltas, mats[start:stop])  # (m, 27, 3, 3)
+            coeffs = spectrum.slice_disc(
+                torch.as_tensor(cand.reshape(-1, 3, 3), dtype=torch.float32), disc_dev
+            ).reshape(m, n_rot, -1)
+            if ctf is not None:
+                c = ctf_rfft2(
+                    ctf.subset(np.arange(start, stop)),
+                    pixel_size_angstrom=pixel_size_angstrom,
+                    box_size=box,
+                    device=device,
+                )
+                coeffs = coeffs * extract_disc(c.to(torch.complex64), disc_dev)[:, None, :]
+            cand_shift = shifts[start:stop, None, :] + grid2[None] * b  # (m, 9, 2)
+            ramps = shift_phase_ramps(
+                disc_dev.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device)
+            )  # (m, 9, n_coeff)
+            vecs = normalise_vectors(
+                disc_to_vectors(coeffs[:, :, None, :] * ramps[:, None, :, :], box), metric
+            )  # (m, 27, 9, dim)
+            q = queries[start:stop].to(device)[:, None, None, :]
+            d = ((vecs - q) ** 2).sum(-1).reshape(m, -1)
+            best = torch.argmin(d, dim=1).cpu().numpy()
+            ri, si = np.divmod(best, grid2.shape[0])
+            rows = np.arange(m)
+            mats[start:stop] = cand[rows, ri]
+            shifts[start:stop] = cand_shift[rows, si]
+            dist[start:stop] = d[torch.arange(m), torch.as_tensor(best)].cpu().numpy()
+            if progress is not None:
+                progress(m)
+    return matrix_to_euler(mats), shifts, dist
