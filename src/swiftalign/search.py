@@ -36,6 +36,7 @@ __all__ = [
     "SearchResult",
     "IndexSettings",
     "auto_index_factory",
+    "ivfpq_factory",
     "search_gallery",
     "merge_topk",
     "rescore",
@@ -65,7 +66,9 @@ class SearchResult:
         Measured recall of the exact nearest neighbour among the candidates at
         that ``nprobe`` on held-out vectors.
     bytes_per_pose : float
-        Memory of the index per reference pose.
+        Memory of the index per reference pose (0 for the streamed exact search).
+    factory : str
+        The FAISS factory string used.
     """
 
     distances: np.ndarray
@@ -74,6 +77,7 @@ class SearchResult:
     nprobe: int | None = None
     recall: float | None = None
     bytes_per_pose: float = 0.0
+    factory: str = ""
 
 
 @dataclass
@@ -83,7 +87,9 @@ class IndexSettings:
     Attributes
     ----------
     factory : str
-        FAISS factory string, ``Flat`` (exact) or ``auto``.
+        FAISS factory string, ``Flat`` (exact), ``auto`` (see
+        :func:`auto_index_factory`) or ``ivfpq`` (:func:`ivfpq_factory` sized
+        for the reference set).
     rerank : int
         Candidates per particle re-scored exactly (compressed indexes).
     nprobe : int or None
@@ -112,9 +118,11 @@ def auto_index_factory(n_poses: int, dim: int) -> str:
     """Pick an index for a reference-set size and vector length.
 
     Up to 200,000 poses the exact search is fast enough and is used. Beyond,
-    ``IVF{nlist},PQ{m}`` with ``nlist ≈ sqrt(n_poses)`` (power of two) and
-    ``m = 32`` sub-quantisers (32 bytes of code + 8 of id per pose), ``m = 16``
-    for short vectors.
+    ``IVF{nlist},PQ{m}x4fs``: an inverted file with ``nlist ≈ sqrt(n_poses)``
+    lists (power of two) and 4-bit fast-scan product quantisation with
+    ``m = 64`` sub-quantisers (32 bytes of code per pose; ``m = 32`` for short
+    vectors). 4-bit codes encode ~6x faster and scan ~4x faster than 8-bit
+    ``PQ32`` on CPU; the exact re-scoring of the candidates recovers the accuracy.
 
     Parameters
     ----------
@@ -130,10 +138,15 @@ def auto_index_factory(n_poses: int, dim: int) -> str:
     """
     if n_poses <= 200_000:
         return "Flat"
+    return ivfpq_factory(n_poses, dim)
+
+
+def ivfpq_factory(n_poses: int, dim: int) -> str:
+    """The IVF-PQ factory string :func:`auto_index_factory` uses for large reference sets."""
     nlist = 2 ** int(round(math.log2(math.sqrt(n_poses))))
     nlist = int(min(max(nlist, 64), 16384))
-    m = 32 if dim >= 128 else 16
-    return f"IVF{nlist},PQ{m}"
+    m = 64 if dim >= 128 else 32
+    return f"IVF{nlist},PQ{m}x4fs"
 
 
 def _padded_dim(dim: int, factory: str) -> int:
@@ -328,6 +341,7 @@ class TrainedIndex:
                 f"--index {factory!r} is not a valid FAISS factory string for vectors of "
                 f"{self.padded_dim} components ({first})"
             ) from None
+        self._configure_training()
         self.device = device
         if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
             self._gpu_res = faiss.StandardGpuResources()
@@ -335,6 +349,26 @@ class TrainedIndex:
                 self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
             except Exception as exc:  # some index types have no GPU version
                 log.warning("FAISS index %s stays on CPU: %s", factory, exc)
+
+    def _configure_training(self) -> None:
+        """Turn off polysemous training (unused here, 15x the PQ training time)
+        and bound OPQ's alternating optimisation."""
+        import faiss
+
+        parts = [faiss.downcast_index(self.index)]
+        if isinstance(parts[0], faiss.IndexPreTransform):
+            pre = parts[0]
+            parts.append(faiss.downcast_index(pre.index))
+            for j in range(pre.chain.size()):
+                vt = faiss.downcast_VectorTransform(pre.chain.at(j))
+                if isinstance(vt, faiss.OPQMatrix):
+                    vt.niter = 16
+                    vt.niter_pq = 4
+                    vt.max_train_points = 32768
+        self._parts = parts  # keep Python wrappers alive
+        for part in parts:
+            if hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False
 
     @property
     def ivf(self):
@@ -427,6 +461,8 @@ def search_gallery(
     factory = settings.factory
     if factory.strip().lower() == "auto":
         factory = auto_index_factory(gallery.n_poses, gallery.disc.dim)
+    elif factory.strip().lower() == "ivfpq":
+        factory = ivfpq_factory(gallery.n_poses, gallery.disc.dim)
     groups = ctf_groups or [(np.arange(n), None)]
     timings = {"train": 0.0, "populate": 0.0, "query": 0.0, "tune": 0.0}
     out_d = np.full((n, k), np.inf, dtype=np.float32)
@@ -452,9 +488,8 @@ def search_gallery(
             )
             out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
         timings["query"] = time.perf_counter() - t0
-        return SearchResult(
-            out_d, out_i, timings, None, 1.0, bytes_per_pose=0.0
-        )
+        return SearchResult(out_d, out_i, timings, None, 1.0, bytes_per_pose=0.0,
+                            factory="Flat")
 
     rng = np.random.default_rng(settings.seed)
     index = TrainedIndex(factory, gallery.disc.dim, device=device)
@@ -509,5 +544,6 @@ def search_gallery(
         out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
         timings["query"] += time.perf_counter() - t0
     return SearchResult(
-        out_d, out_i, timings, nprobe_used, recall, bytes_per_pose=index.bytes_per_pose()
+        out_d, out_i, timings, nprobe_used, recall,
+        bytes_per_pose=index.bytes_per_pose(), factory=factory,
     )

@@ -121,7 +121,7 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
                 f"{path}: axis order MAPC/MAPR/MAPS = {axes} is not (1, 2, 3); "
                 "reorder the map (e.g. relion_image_handler or ChimeraX 'vop') first"
             )
-        data = np.asarray(mrc.data, dtype=np.float32)
+        data = np.array(mrc.data, dtype=np.float32)  # a writable copy
         vox = float(mrc.voxel_size.x)
     if data.ndim != 3:
         raise MrcFileError(f"{path}: expected a 3D map, got shape {data.shape}")
@@ -129,7 +129,7 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
         vox = float(voxel_size_angstrom)
     if not np.isfinite(data).all():
         raise MrcFileError(f"{path}: map contains non-finite values (NaN or Inf)")
-    return MapData(data=np.ascontiguousarray(data), voxel_size_angstrom=vox, path=path)
+    return MapData(data=data, voxel_size_angstrom=vox, path=path)
 
 
 def atomic_path(final: Path) -> Path:

@@ -1,0 +1,5 @@
+"""``python -m swiftalign`` runs the command-line interface."""
+
+from swiftalign.cli.main import app
+
+app()

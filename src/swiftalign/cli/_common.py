@@ -1,0 +1,132 @@
+"""Shared CLI plumbing: logging, progress bars, run records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+import swiftalign
+from swiftalign.errors import SwiftalignError
+
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
+    """Configure the root logger once per command."""
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    handlers: list[logging.Handler] = []
+    from rich.logging import RichHandler
+
+    rich_handler = RichHandler(console=console, show_path=False, level=level)
+    rich_handler.setFormatter(logging.Formatter("%(message)s"))
+    handlers.append(rich_handler)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        handlers.append(fh)
+    logging.basicConfig(level=logging.DEBUG if log_file else level, handlers=handlers, force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+
+
+@contextmanager
+def progress_bars(quiet: bool):
+    """Yield ``progress(step, done, total)``; rich bars on a TTY unless quiet."""
+    enabled = not quiet and console.is_terminal
+    if not enabled:
+        yield None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+    with bars:
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bars.add_task(step, total=total)
+            bars.update(tasks[step], completed=done, total=total)
+
+        yield update
+
+
+def run_record(**fields) -> dict:
+    """Version, command line, machine and time for ``run.json``."""
+    import torch
+
+    return {
+        "swiftalign_version": swiftalign.__version__,
+        "command_line": sys.argv,
+        "cwd": os.getcwd(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+        },
+        **fields,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically."""
+    from swiftalign.io.mrc import atomic_path
+
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def fail(exc: Exception) -> None:
+    """Print a user error and exit 2 (no traceback)."""
+    import typer
+
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+USER_ERRORS = (SwiftalignError, FileNotFoundError, ValueError)
