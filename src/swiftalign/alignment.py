@@ -23,15 +23,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from swiftalign.conventions import centred_rfft2
 from swiftalign.ctf import CtfParams, ctf_rfft2, electron_wavelength_angstrom, wiener_filter
 from swiftalign.errors import InputError
 from swiftalign.fourier import Disc, disc_to_vectors, extract_disc, make_disc, normalise_vectors
-from swiftalign.conventions import centred_rfft2
 from swiftalign.gallery import Gallery, build_gallery
 from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable
 from swiftalign.local_search import refine_local
+from swiftalign.projection import VolumeSpectrum
 from swiftalign.sampling import (
     angular_step_deg,
     directions_to_rot_tilt,
@@ -39,8 +40,13 @@ from swiftalign.sampling import (
     shift_grid_px,
     shift_step_px,
 )
-from swiftalign.projection import VolumeSpectrum
-from swiftalign.search import IndexSettings, SearchResult, rescore, search_gallery
+from swiftalign.search import (
+    IndexSettings,
+    SearchResult,
+    rescore,
+    search_gallery,
+    validate_factory,
+)
 from swiftalign.symmetry import parse_symmetry, symmetry_matrices
 
 __all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling"]
@@ -395,6 +401,7 @@ def align_particles(
     device = resolve_device(config.device)
     sampling = make_sampling(config, pixel_size, box)
     disc = make_disc(box, sampling.disc_radius_fftfreq)
+    validate_factory(config.index, disc.dim)
 
     def step_progress(name: str, total: int):
         done = [0]

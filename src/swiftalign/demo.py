@@ -79,7 +79,7 @@ def main(out_dir: str = "demo_output") -> int:
     for col in ("index", "median err (°)", "≤ ΔΦ?", "build (s)", "search (s)",
                 "particles/s", "bytes/pose", "total (s)"):
         t.add_column(col, justify="right")
-    for label, (res, summ, wall, factory) in results.items():
+    for res, summ, wall, factory in results.values():
         tm = res.timings
         build = tm.get("train", 0) + tm.get("populate", 0) + tm.get("tune", 0)
         med = summ["angular_error_deg"]["median"]

@@ -40,6 +40,7 @@ __all__ = [
     "search_gallery",
     "merge_topk",
     "rescore",
+    "validate_factory",
 ]
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,14 @@ class TrainedIndex:
         return float(faiss.serialize_index(index).nbytes) / n
 
 
+def validate_factory(factory: str, dim: int) -> None:
+    """Raise ``ValueError`` now if FAISS cannot build ``factory`` (before any long work)."""
+    f = factory.strip().lower()
+    if f in ("flat", "auto", "ivfpq"):
+        return
+    TrainedIndex(factory, dim)
+
+
 def search_gallery(
     gallery: Gallery,
     queries: torch.Tensor,
@@ -533,7 +542,15 @@ def search_gallery(
                         break
                     nprobe = min(nlist, nprobe * 2)
                 nprobe_used = nprobe
-                log.info("nprobe %d reaches recall %.3f of the exact neighbour", nprobe, recall)
+                if recall < settings.target_recall:
+                    log.warning(
+                        "index %s reaches only recall %.3f of the exact neighbour at nprobe "
+                        "%d (target %.2f): raise --rerank or use longer codes",
+                        factory, recall, nprobe, settings.target_recall,
+                    )
+                else:
+                    log.info("nprobe %d reaches recall %.3f of the exact neighbour",
+                             nprobe, recall)
             elif ivf is not None:
                 nprobe_used = int(settings.nprobe)
                 index.set_nprobe(nprobe_used)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the bundled map, ../shared/data (skipped when absent), small datasets."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(rel: str) -> Path:
+    """A file under ../shared/data, or skip the test."""
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def trpv1_map():
+    from swiftalign.io import read_map
+
+    return read_map(Path(str(files("swiftalign") / "data" / "trpv1_volume.mrc")))
+
+
+@pytest.fixture(scope="session")
+def noisy_dataset(trpv1_map, tmp_path_factory):
+    """300 TRPV1 particles, C4, −10 dB, CTF: (star path, truth frame)."""
+    from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
+
+    cfg = SimulationConfig(n_particles=300, snr_db=-10.0, symmetry="C4", seed=7)
+    images, truth = simulate_particles(trpv1_map, cfg)
+    out = tmp_path_factory.mktemp("noisy")
+    star = write_dataset(out, images, truth, pixel_size_angstrom=trpv1_map.voxel_size_angstrom,
+                         config=cfg)
+    return star, truth
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
