@@ -8,6 +8,7 @@ in Å and px.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,23 +100,37 @@ def compare_tables(
     symmetry: str = "C1",
     angular_step_deg: float | None = None,
 ) -> PoseErrors:
-    """Errors of ``aligned`` against ``truth``, matched by ``rlnImageName``.
+    """Errors of ``aligned`` against ``truth``.
+
+    Particles are matched by ``rlnImageName``; when the names differ (e.g. the
+    truth STAR was the ``--ang`` input of ``relion_project``) but both files
+    hold the same number of particles, they are matched row by row, with a
+    warning.
 
     Raises
     ------
     InputError
-        When a particle of ``aligned`` has no match in ``truth``.
+        When particles can be matched neither by name nor by row.
     """
     ea, sa = _poses(aligned)
     et, st = _poses(truth)
-    names_a = aligned.image_names()
+    names_a = [n.strip() for n in aligned.image_names()]
     pos = {name.strip(): i for i, name in enumerate(truth.image_names())}
-    try:
-        idx = np.array([pos[name.strip()] for name in names_a])
-    except KeyError as exc:
+    missing = [n for n in names_a if n not in pos]
+    if not missing:
+        idx = np.array([pos[n] for n in names_a])
+    elif len(names_a) == len(pos):
+        warnings.warn(
+            f"{aligned.path}: image names differ from {truth.path} (e.g. {missing[0]!r}); "
+            "matching particles row by row",
+            stacklevel=2,
+        )
+        idx = np.arange(len(names_a))
+    else:
         raise InputError(
-            f"{aligned.path}: particle {exc.args[0]!r} is not in {truth.path}"
-        ) from None
+            f"{aligned.path}: particle {missing[0]!r} is not in {truth.path}, and the files "
+            f"hold {len(names_a)} and {len(pos)} particles"
+        )
     ang = symmetric_angular_error_deg(ea, et[idx], symmetry)
     shift_px = np.hypot(*(sa - st[idx]).T)
     ps = aligned.pixel_size_angstrom

@@ -115,15 +115,14 @@ class IndexSettings:
     seed: int = 0
 
 
-def auto_index_factory(n_poses: int, dim: int) -> str:
-    """Pick an index for a reference-set size and vector length.
+def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -> str:
+    """Pick an index for a reference-set size, vector length and particle count.
 
-    Up to 200,000 poses the exact search is fast enough and is used. Beyond,
-    ``IVF{nlist},PQ{m}x4fs``: an inverted file with ``nlist ≈ sqrt(n_poses)``
-    lists (power of two) and 4-bit fast-scan product quantisation with
-    ``m = 64`` sub-quantisers (32 bytes of code per pose; ``m = 32`` for short
-    vectors). 4-bit codes encode ~6x faster and scan ~4x faster than 8-bit
-    ``PQ32`` on CPU; the exact re-scoring of the candidates recovers the accuracy.
+    The exact search costs ``n_particles · n_poses · dim``; building an IVF index
+    costs about ``n_poses · nlist · dim`` (assigning every pose to a list) plus
+    training, so it only pays off for more than about ``2 · nlist`` particles
+    (or when the index is reused). Exact search is also used up to 200,000
+    poses. Otherwise :func:`ivfpq_factory`.
 
     Parameters
     ----------
@@ -131,6 +130,8 @@ def auto_index_factory(n_poses: int, dim: int) -> str:
         Reference-set size.
     dim : int
         Search-vector length.
+    n_particles : int, optional
+        Particles to align (unknown: size only).
 
     Returns
     -------
@@ -139,15 +140,36 @@ def auto_index_factory(n_poses: int, dim: int) -> str:
     """
     if n_poses <= 200_000:
         return "Flat"
-    return ivfpq_factory(n_poses, dim)
+    factory, nlist = _ivfpq(n_poses, dim)
+    if n_particles is not None and n_particles < 2 * nlist:
+        return "Flat"
+    return factory
 
 
-def ivfpq_factory(n_poses: int, dim: int) -> str:
-    """The IVF-PQ factory string :func:`auto_index_factory` uses for large reference sets."""
+def _ivfpq(n_poses: int, dim: int) -> tuple[str, int]:
     nlist = 2 ** int(round(math.log2(math.sqrt(n_poses))))
     nlist = int(min(max(nlist, 64), 16384))
     m = 64 if dim >= 128 else 32
-    return f"IVF{nlist},PQ{m}x4fs"
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
+    return f"{coarse},PQ{m}x4fs", nlist
+
+
+def ivfpq_factory(n_poses: int, dim: int) -> str:
+    """IVF-PQ sized for a reference set.
+
+    An inverted file with ``nlist ≈ sqrt(n_poses)`` lists (power of two; an
+    HNSW coarse quantiser from 1,024 lists, which makes assigning poses to lists
+    cheap) and 4-bit fast-scan product quantisation with ``m = 64``
+    sub-quantisers (32 bytes of code per pose; ``m = 32`` for vectors shorter
+    than 128). 4-bit codes encode ~6x faster and scan ~4x faster than 8-bit
+    ``PQ32`` on CPU; the exact re-scoring of the candidates recovers the accuracy.
+
+    Returns
+    -------
+    str
+        A FAISS factory string.
+    """
+    return _ivfpq(n_poses, dim)[0]
 
 
 def _padded_dim(dim: int, factory: str) -> int:
@@ -469,7 +491,7 @@ def search_gallery(
     n = queries.shape[0]
     factory = settings.factory
     if factory.strip().lower() == "auto":
-        factory = auto_index_factory(gallery.n_poses, gallery.disc.dim)
+        factory = auto_index_factory(gallery.n_poses, gallery.disc.dim, n)
     elif factory.strip().lower() == "ivfpq":
         factory = ivfpq_factory(gallery.n_poses, gallery.disc.dim)
     groups = ctf_groups or [(np.arange(n), None)]
@@ -504,7 +526,9 @@ def search_gallery(
     index = TrainedIndex(factory, gallery.disc.dim, device=device)
     ivf = index.ivf
     nlist = int(ivf.nlist) if ivf is not None else 0
-    n_train = settings.n_train or int(min(gallery.n_poses, max(64 * max(nlist, 1), 20_000), 300_000))
+    n_train = settings.n_train or int(
+        min(gallery.n_poses, max(40 * max(nlist, 1), 20_000), 200_000)
+    )
     t0 = time.perf_counter()
     train = _augmented_vectors(gallery, n_train, rng, ctf_disc_pool)
     index.train(train)
