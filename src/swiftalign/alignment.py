@@ -184,6 +184,8 @@ def particle_vectors(
     wiener_constant: float = 0.1,
     device: str = "cpu",
     batch_size: int = 512,
+    rows: np.ndarray | None = None,
+    recentre_shift_yx_px: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Particles → prepared search vectors, with and without CTF correction.
@@ -203,6 +205,11 @@ def particle_vectors(
         ``l2``, ``cosine`` or ``pearson``.
     wiener_constant : float
         ``c`` as a fraction of the mean of ``C²``.
+    rows : np.ndarray, optional
+        `(m,)` STAR rows to use (default all); ``ctf`` is indexed by STAR row.
+    recentre_shift_yx_px : np.ndarray, optional
+        `(m,)`×2 known particle-centre shifts removed before the disc is cut
+        (a search then finds shifts relative to them).
 
     Returns
     -------
@@ -211,15 +218,24 @@ def particle_vectors(
     raw : torch.Tensor
         `(n, dim)` float32 vectors of the particles as recorded.
     """
-    n = len(images)
+    all_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    n = len(all_rows)
     raw = torch.empty((n, disc.dim), dtype=torch.float32, device=device)
     corrected = torch.empty_like(raw) if ctf is not None else raw
     disc_dev = disc.to(device)
     for start in range(0, n, batch_size):
-        rows = np.arange(start, min(n, start + batch_size))
+        sl = slice(start, min(n, start + batch_size))
+        rows = all_rows[sl]
         batch = torch.as_tensor(images.read(rows), device=device)
         spectra = centred_rfft2(batch)
-        sl = slice(start, start + len(rows))
+        if recentre_shift_yx_px is not None:
+            from swiftalign.fourier import shift_phase_ramps
+
+            freqs = torch.stack(torch.meshgrid(
+                torch.fft.fftfreq(disc.box_size, device=device),
+                torch.fft.rfftfreq(disc.box_size, device=device), indexing="ij"), -1)
+            s0 = torch.as_tensor(-recentre_shift_yx_px[sl], dtype=torch.float32, device=device)
+            spectra = spectra * shift_phase_ramps(freqs.reshape(-1, 2), s0).reshape(spectra.shape)
         raw[sl] = normalise_vectors(
             disc_to_vectors(extract_disc(spectra, disc_dev), disc.box_size), metric
         )
@@ -367,9 +383,12 @@ def align_particles(
     reference: MapData,
     config: AlignConfig,
     *,
+    rows: np.ndarray | None = None,
+    initial_shift_yx_px: np.ndarray | None = None,
+    local_resolution_angstrom: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> AlignmentResult:
-    """Align every particle against the reference.
+    """Align particles against the reference.
 
     Parameters
     ----------
@@ -381,6 +400,15 @@ def align_particles(
         `(N, N, N)` map at the particles' pixel size.
     config : AlignConfig
         Parameters.
+    rows : np.ndarray, optional
+        `(m,)` STAR rows to align (default all); results follow this order.
+    initial_shift_yx_px : np.ndarray, optional
+        `(m, 2)` known shifts: particles are recentred on them and the shift
+        grid (``max_shift_px``) is searched around them.
+    local_resolution_angstrom : float, optional
+        Finer resolution for the local refinement than for the global search:
+        the local search then uses that disc and more rounds, down to the
+        finer resolution's steps.
     progress : callable, optional
         ``progress(step, done, total)``.
 
@@ -413,6 +441,8 @@ def align_particles(
 
         return cb
 
+    star_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    n_particles = len(star_rows)
     t0 = time.perf_counter()
     queries, raw_queries = particle_vectors(
         images,
@@ -422,7 +452,9 @@ def align_particles(
         metric=config.metric,
         wiener_constant=config.wiener_constant,
         device=device,
-        progress=step_progress("particles", len(images)),
+        rows=star_rows,
+        recentre_shift_yx_px=initial_shift_yx_px,
+        progress=step_progress("particles", n_particles),
     )
     timings["particles"] = time.perf_counter() - t0
 
@@ -465,7 +497,7 @@ def align_particles(
     ctf_pool = None
     if config.ctf_mode == "reference":
         ctf_groups = _ctf_groups(
-            ctf, disc, pixel_size_angstrom=pixel_size,
+            ctf.subset(star_rows), disc, pixel_size_angstrom=pixel_size,
             max_phase_rad=config.ctf_group_phase_rad, device=device,
         )
         ctf_pool = torch.stack([g[1] for g in ctf_groups])
@@ -498,12 +530,12 @@ def align_particles(
         t0 = time.perf_counter()
         out_i, out_d = [], []
         step = 4096
-        for start in range(0, len(images), step):
-            rows = np.arange(start, min(len(images), start + step))
-            cdisc = particle_ctf_disc(ctf, rows, disc, pixel_size_angstrom=pixel_size,
+        for start in range(0, n_particles, step):
+            pos = np.arange(start, min(n_particles, start + step))
+            cdisc = particle_ctf_disc(ctf, star_rows[pos], disc, pixel_size_angstrom=pixel_size,
                                       device=device)
             d, i = rescore(
-                gallery, raw_queries[rows], torch.as_tensor(ids[rows]), config.k,
+                gallery, raw_queries[pos], torch.as_tensor(ids[pos]), config.k,
                 ctf_disc=cdisc,
             )
             out_d.append(d.cpu().numpy())
@@ -513,24 +545,36 @@ def align_particles(
     euler, shift = gallery.poses(ids)
     dist = dist_t.astype(np.float64)
     del gallery
-    if config.local_rounds > 0:
+    rounds = config.local_rounds
+    local_disc, local_queries = disc, raw_queries
+    if local_resolution_angstrom is not None and local_resolution_angstrom < config.resolution_angstrom:
+        local_disc = make_disc(box, min(pixel_size / local_resolution_angstrom, 0.5))
+        _, local_queries = particle_vectors(
+            images, local_disc, ctf=None, pixel_size_angstrom=pixel_size, metric=config.metric,
+            device=device, rows=star_rows, recentre_shift_yx_px=initial_shift_yx_px,
+        )
+        fine_step = angular_step_deg(local_resolution_angstrom, pixel_size, box)
+        rounds = max(rounds, int(math.ceil(math.log2(sampling.angular_step_deg / fine_step))) + 1)
+    if rounds > 0:
         t0 = time.perf_counter()
         e1, s1, d1 = refine_local(
             VolumeSpectrum(volume),
-            raw_queries,
+            local_queries,
             euler[:, 0],
             shift[:, 0],
-            disc=disc,
+            disc=local_disc,
             metric=config.metric,
             angle_step_deg=sampling.angular_step_deg / 2.0,
             shift_step_px=sampling.shift_step_px / 2.0,
-            rounds=config.local_rounds,
-            ctf=ctf,
+            rounds=rounds,
+            ctf=ctf.subset(star_rows) if ctf is not None else None,
             pixel_size_angstrom=pixel_size,
-            progress=step_progress("local search", len(images) * config.local_rounds),
+            progress=step_progress("local search", n_particles * rounds),
         )
         euler[:, 0], shift[:, 0], dist[:, 0] = e1, s1, d1
         timings["local"] = time.perf_counter() - t0
+    if initial_shift_yx_px is not None:
+        shift = shift + np.asarray(initial_shift_yx_px)[:, None, :]
     score = 1.0 - dist / 2.0 if config.metric in ("cosine", "pearson") else -dist
     return AlignmentResult(
         euler_deg=euler,
