@@ -17,6 +17,7 @@ global search).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -42,6 +43,25 @@ def _offsets(step: float) -> np.ndarray:
     return np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
+def _distances_by_inner_product(
+    queries: torch.Tensor, coeffs: torch.Tensor, ramps: torch.Tensor, box: int, metric: str
+) -> torch.Tensor:
+    """Squared distances `(m, r, s)` between queries and every rotation × shift.
+
+    A shift only changes phases, so the norm of a candidate vector depends on the
+    rotation alone and the distances follow from one batched complex product
+    ``Σ_k conj(q_k)·c_rk·ramp_sk`` instead of materialising `(m, r, s, dim)` vectors.
+    """
+    weight = math.sqrt(2.0) / box
+    q = torch.view_as_complex(queries.reshape(queries.shape[0], -1, 2).contiguous())
+    inner = torch.bmm(q.conj()[:, None, :] * coeffs, ramps.transpose(1, 2)).real * weight
+    norm2 = (coeffs.abs() ** 2).sum(-1) * weight**2  # (m, r)
+    if metric == "cosine":
+        return 2.0 - 2.0 * inner / norm2.clamp_min(1e-30).sqrt()[:, :, None]
+    q_norm2 = (queries**2).sum(-1)
+    return q_norm2[:, None, None] + norm2[:, :, None] - 2.0 * inner
+
+
 def refine_local(
     spectrum: VolumeSpectrum,
     queries: torch.Tensor,
@@ -55,7 +75,7 @@ def refine_local(
     rounds: int = 2,
     ctf: CtfParams | None = None,
     pixel_size_angstrom: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coarse-to-fine local search around given poses.
@@ -130,11 +150,15 @@ def refine_local(
             ramps = shift_phase_ramps(
                 disc_dev.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device)
             )  # (m, 9, n_coeff)
-            vecs = normalise_vectors(
-                disc_to_vectors(coeffs[:, :, None, :] * ramps[:, None, :, :], box), metric
-            )  # (m, 27, 9, dim)
-            q = queries[start:stop].to(device)[:, None, None, :]
-            d = ((vecs - q) ** 2).sum(-1).reshape(m, -1)
+            q = queries[start:stop].to(device)
+            if metric in ("cosine", "l2"):
+                d = _distances_by_inner_product(q, coeffs, ramps, box, metric)
+            else:
+                vecs = normalise_vectors(
+                    disc_to_vectors(coeffs[:, :, None, :] * ramps[:, None, :, :], box), metric
+                )  # (m, 27, 9, dim)
+                d = ((vecs - q[:, None, None, :]) ** 2).sum(-1)
+            d = d.reshape(m, -1)
             best = torch.argmin(d, dim=1).cpu().numpy()
             ri, si = np.divmod(best, grid2.shape[0])
             rows = np.arange(m)

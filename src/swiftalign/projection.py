@@ -83,14 +83,13 @@ class VolumeSpectrum:
         self.rfft = torch.fft.fftshift(dft, dim=(-3, -2))
         self.padded = 2 * n
 
-    def _flat_indices(self, disc) -> torch.Tensor:
-        m = self.padded
-        j_y = torch.round(disc.freqs_yx[:, 0].double() * m).long() + m // 2
-        j_x = torch.round(disc.freqs_yx[:, 1].double() * m).long()
-        return (j_y * (m // 2 + 1) + j_x).to(self.rfft.device)
-
-    def slice_disc(self, matrices: torch.Tensor, disc, *, batch_size: int = 1024) -> torch.Tensor:
+    def slice_disc(self, matrices: torch.Tensor, disc, *, batch_size: int = 2048) -> torch.Tensor:
         """Disc coefficients of projections at RELION poses.
+
+        The disc frequencies ``(kx, ky, 0)`` are rotated into the map by ``Aᵀ``
+        and sampled trilinearly (``torch-image-interpolation``) from the
+        oversampled transform; points in the missing half use the conjugate of
+        their Friedel mate. Only the disc points are sampled.
 
         Parameters
         ----------
@@ -104,18 +103,31 @@ class VolumeSpectrum:
         torch.Tensor
             `(b, n_coeff)` complex64, as :func:`swiftalign.fourier.images_to_disc`
             of the projections.
+
+        Raises
+        ------
+        ValueError
+            If the disc is for another box size.
         """
-        from torch_fourier_slice import extract_central_slices_rfft_3d
+        from torch_image_interpolation import sample_image_3d
 
         if disc.box_size != self.box_size:
             raise ValueError(f"disc is for box {disc.box_size}, map is {self.box_size}")
-        idx = self._flat_indices(disc)
-        mats = matrices.to(self.rfft.device, torch.float32).transpose(-1, -2)
+        device = self.rfft.device
+        m = self.padded
+        f = disc.freqs_yx.to(device)
+        xyz = torch.stack([f[:, 1], f[:, 0], torch.zeros_like(f[:, 0])], dim=-1)  # (k, 3)
+        mats = matrices.to(device, torch.float32)
         out = []
         for start in range(0, mats.shape[0], batch_size):
-            slices = extract_central_slices_rfft_3d(
-                self.rfft, mats[start : start + batch_size],
-                fftfreq_max=disc.radius_fftfreq + 1e-6,
-            )  # (b, 2N, N + 1) fftshifted rfft
-            out.append(slices.flatten(-2)[..., idx])
+            a = mats[start : start + batch_size]
+            # volume xyz = Aᵀ·(kx, ky, 0), i.e. row vector xyz·A
+            coords = torch.einsum("kj,bji->bki", xyz, a)  # (b, k, 3) xyz
+            conj = coords[..., 0] < 0
+            coords = torch.where(conj[..., None], -coords, coords)
+            zyx = coords.flip(-1) * m
+            zyx[..., 0] += m // 2
+            zyx[..., 1] += m // 2
+            values = sample_image_3d(self.rfft, zyx, interpolation="trilinear")
+            out.append(torch.where(conj, values.conj(), values))
         return torch.cat(out).to(torch.complex64)

@@ -1,0 +1,417 @@
+"""Iterative gold-standard 3D refinement and classification ("swiftres", thesis ch. 4–5).
+
+Each iteration, at the current resolution ``T``:
+
+1. for each half set and each of ``R`` repetitions, every particle of that half
+   is aligned (:func:`swiftalign.alignment.align_particles`) against every
+   class reference of its own half, each repetition with its own gallery
+   perturbation (seeded by iteration and repetition); the class with the
+   smallest distance wins the repetition;
+2. the ``R`` alignments are combined (:mod:`swiftalign.consensus`); particles
+   without agreement are left out of this iteration's reconstruction;
+3. each half map of each class is reconstructed (:mod:`swiftalign.reconstruction`)
+   with symmetry expansion;
+4. half maps are compared (:mod:`swiftalign.fsc`, masked and
+   phase-randomisation corrected); the resolution at ``fsc_threshold`` is
+   the next ``T``;
+5. each half's next reference is its own half map low-passed to ``T``
+   (gold standard: half sets fixed for the whole run, never mixed above
+   ``low_resolution_join_angstrom``).
+
+The global search is sampled at ``max(T, global_resolution_angstrom)``;
+the local search that follows refines to the steps of ``T`` with its full disc,
+so the cost of the global search stays bounded as ``T`` improves.
+After the first iteration the shift search is centred on each particle's
+previous shift with range ``max_shift_later_px``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from swiftalign.alignment import AlignConfig, align_particles, check_inputs, ctf_params_from_table
+from swiftalign.consensus import consensus
+from swiftalign.conventions import shift_px_to_origin_angstrom
+from swiftalign.errors import InputError
+from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass
+from swiftalign.io.mrc import MapData, read_map, write_map
+from swiftalign.io.particles import ParticleImages
+from swiftalign.io.star import ParticleTable, write_particles
+from swiftalign.reconstruction import reconstruct
+from swiftalign.sampling import angular_step_deg, shift_step_px
+from swiftalign.symmetry import symmetry_matrices
+
+__all__ = ["RefineConfig", "run_refinement"]
+
+log = logging.getLogger(__name__)
+
+
+class RefineConfig(BaseModel):
+    """Validated refinement parameters (units in the names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_resolution_angstrom: float = Field(gt=0)
+    max_resolution_angstrom: float = Field(default=8.0, gt=0)
+    global_resolution_angstrom: float = Field(default=20.0, gt=0)
+    symmetry: str = "C1"
+    repetitions: int = Field(default=3, ge=1)
+    iterations: int = Field(default=8, ge=1)
+    fsc_threshold: float = Field(default=0.143, gt=0, lt=1)
+    low_resolution_join_angstrom: float = Field(default=40.0, ge=0)
+    local_passes: int = Field(default=0, ge=0)
+    local_angle_deg: float = Field(default=5.0, gt=0)
+    local_shift_px: float = Field(default=2.0, gt=0)
+    max_shift_px: float = Field(default=8.0, ge=0)
+    max_shift_later_px: float = Field(default=3.0, ge=0)
+    ctf_mode: str = "wiener"
+    index: str = "auto"
+    metric: str = "cosine"
+    device: str = "cpu"
+    max_memory_gb: float = 2.0
+    regularisation: float = Field(default=0.01, gt=0)
+    seed: int = 0
+    mask_path: str | None = None
+    solvent_mask_path: str | None = None
+
+
+def _half_sets(table: ParticleTable, seed: int) -> np.ndarray:
+    """Half set (1 or 2) of every particle: rlnRandomSubset, else seeded random halves."""
+    if "rlnRandomSubset" in table.particles:
+        h = table.particles["rlnRandomSubset"].to_numpy().astype(int)
+        if set(np.unique(h)) <= {1, 2} and len(np.unique(h)) == 2:
+            return h
+        log.warning("rlnRandomSubset is not 1/2 for both halves: assigning halves at random")
+    rng = np.random.default_rng(seed)
+    h = np.ones(len(table), dtype=int)
+    h[rng.permutation(len(table))[: len(table) // 2]] = 2
+    return h
+
+
+def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: float,
+                         pixel_size_angstrom: float) -> tuple[np.ndarray, np.ndarray]:
+    """Replace both halves' Fourier components below ``resolution_angstrom`` by their average."""
+    if resolution_angstrom <= 0:
+        return a, b
+    n = a.shape[0]
+    k = np.fft.fftfreq(n)
+    kr = np.fft.rfftfreq(n)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kr[None, None, :] ** 2)
+    low = r < pixel_size_angstrom / resolution_angstrom
+    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    avg = (fa + fb) / 2
+    fa[low], fb[low] = avg[low], avg[low]
+    return (np.fft.irfftn(fa, s=a.shape).astype(np.float32),
+            np.fft.irfftn(fb, s=b.shape).astype(np.float32))
+
+
+def _write_fsc_star(path: Path, fsc, pixel_size: float, box: int) -> None:
+    import starfile
+
+    from swiftalign.io.mrc import atomic_path
+
+    shells = np.arange(len(fsc.unmasked))
+    table = pd.DataFrame({
+        "rlnSpectralIndex": shells,
+        "rlnResolution": shells / (box * pixel_size),
+        "rlnAngstromResolution": np.where(shells > 0, box * pixel_size / np.maximum(shells, 1),
+                                          999.0),
+        "rlnFourierShellCorrelationCorrected": fsc.corrected,
+        "rlnFourierShellCorrelationUnmaskedMaps": fsc.unmasked,
+        "rlnFourierShellCorrelationMaskedMaps": fsc.masked,
+        "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": fsc.randomised,
+    })
+    general = {
+        "rlnFinalResolution": fsc.resolution_angstrom,
+        "rlnUnfilteredMapHalf1": "half1.mrc",
+        "rlnUnfilteredMapHalf2": "half2.mrc",
+        "rlnRandomiseFrom": float(box * pixel_size / max(fsc.randomised_from_shell, 1)),
+    }
+    tmp = atomic_path(path)
+    try:
+        starfile.write({"general": general, "fsc": table}, tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _plot_fsc(path: Path, fsc, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from swiftalign.io.mrc import atomic_path
+
+    n = len(fsc.unmasked)
+    x = np.arange(n) / fsc.resolution_per_shell_angstrom.size / 2
+    x = np.arange(n) / (2 * (n - 1)) if n > 1 else np.zeros(1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, fsc.unmasked, label="unmasked")
+    ax.plot(x, fsc.masked, label="masked")
+    ax.plot(x, fsc.randomised, label="phase-randomised (masked)", ls=":")
+    ax.plot(x, fsc.corrected, label="corrected", lw=2)
+    for thr in (0.143, 0.5):
+        ax.axhline(thr, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("spatial frequency (cycles/px)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = atomic_path(path.with_suffix(".tmp.png"))
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_refinement(
+    table: ParticleTable,
+    images: ParticleImages,
+    references: list[MapData],
+    out_dir: str | Path,
+    config: RefineConfig,
+    *,
+    resume: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    record: dict | None = None,
+) -> dict:
+    """Run the refinement and write ``OUT_DIR/itNNN/`` and ``OUT_DIR/final/``.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles.
+    images : ParticleImages
+        Their images.
+    references : list of MapData
+        One map per class, `(N, N, N)`, at the particles' pixel size.
+    out_dir : str or Path
+        Output folder.
+    config : RefineConfig
+    resume : bool
+        Continue from the last completed iteration in ``out_dir``.
+    progress : callable, optional
+        ``progress(step, done, total)``.
+    record : dict, optional
+        Provenance (version, command line …) stored in each ``run.json``.
+
+    Returns
+    -------
+    dict
+        Per-iteration history (resolution, kept particles, class populations).
+
+    Raises
+    ------
+    InputError
+        Non-cubic or mismatched references, missing CTF columns, bad symmetry.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sym = config.symmetry.upper()
+    group = symmetry_matrices(sym)
+    pixel_size = check_inputs(table, images, references[0])
+    for ref in references[1:]:
+        check_inputs(table, images, ref)
+    box = images.box_size
+    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
+    halves = _half_sets(table, config.seed)
+    n_classes = len(references)
+    nyquist = 2.0 * pixel_size
+    floor = max(config.max_resolution_angstrom, nyquist)
+    mask = None
+    if config.mask_path:
+        mask = read_map(config.mask_path).data
+        if mask.shape != references[0].data.shape:
+            raise InputError(f"{config.mask_path}: mask shape {mask.shape} differs from the "
+                             f"reference {references[0].data.shape}")
+    solvent = read_map(config.solvent_mask_path).data if config.solvent_mask_path else None
+
+    # state: per class, per half, the next reference
+    refs = {(c, h): lowpass(references[c].data, config.initial_resolution_angstrom, pixel_size)
+            for c in range(n_classes) for h in (1, 2)}
+    resolution = config.initial_resolution_angstrom
+    history: list[dict] = []
+    shifts_prev = np.zeros((len(table), 2))
+    start_it = 1
+    state_path = out / "state.json"
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        history = state["history"]
+        start_it = state["iteration"] + 1
+        resolution = state["resolution_angstrom"]
+        last = out / f"it{state['iteration']:03d}"
+        for c in range(n_classes):
+            for h in (1, 2):
+                refs[(c, h)] = read_map(last / f"reference_class{c + 1}_half{h}.mrc").data
+        shifts_prev = np.load(last / "shifts.npy")
+        log.info("continuing after iteration %d (%.2f Å)", state["iteration"], resolution)
+
+    stalled = 0
+    if len(history) >= 2:
+        stalled = sum(1 for h in history[-2:] if h.get("stalled"))
+    for it in range(start_it, config.iterations + 1):
+        if stalled >= 2:
+            break
+        t_it = time.perf_counter()
+        t_align = max(resolution, floor)
+        t_global = max(t_align, config.global_resolution_angstrom)
+        dphi = angular_step_deg(t_align, pixel_size, box)
+        ds = shift_step_px(t_align, pixel_size)
+        reps = config.repetitions
+        n = len(table)
+        euler_all = np.zeros((n, reps, 3))
+        shift_all = np.zeros((n, reps, 2))
+        class_all = np.zeros((n, reps), dtype=int)
+        for h in (1, 2):
+            rows = np.nonzero(halves == h)[0]
+            for r in range(reps):
+                best_d = np.full(len(rows), np.inf)
+                for c in range(n_classes):
+                    ref_map = refs[(c, h)]
+                    if mask is not None:
+                        ref_map = ref_map * mask
+                    acfg = AlignConfig(
+                        resolution_angstrom=t_global,
+                        symmetry=sym,
+                        max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
+                        ctf_mode=config.ctf_mode,
+                        index=config.index,
+                        metric=config.metric,
+                        device=config.device,
+                        max_memory_gb=config.max_memory_gb,
+                        seed=config.seed * 1_000_003 + it * 1009 + r * 17 + h,
+                    )
+                    res = align_particles(
+                        table, images, MapData(ref_map, pixel_size, references[c].path), acfg,
+                        rows=rows,
+                        initial_shift_yx_px=None if it == 1 else shifts_prev[rows],
+                        local_resolution_angstrom=t_align,
+                        progress=progress,
+                    )
+                    d = res.distance[:, 0]
+                    better = d < best_d
+                    best_d[better] = d[better]
+                    euler_all[rows[better], r] = res.euler_deg[better, 0]
+                    shift_all[rows[better], r] = res.shift_yx_px[better, 0]
+                    class_all[rows[better], r] = c
+        cons = consensus(euler_all, shift_all, class_all, symmetry_group=group,
+                         angle_tolerance_deg=dphi, shift_tolerance_px=ds)
+        keep = cons.keep
+        shifts_prev = cons.shift_yx_px
+
+        it_dir = out / f"it{it:03d}"
+        it_dir.mkdir(exist_ok=True)
+        class_stats = []
+        half_maps = {}
+        for c in range(n_classes):
+            for h in (1, 2):
+                sel = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
+                if len(sel) < 2:
+                    raise InputError(
+                        f"iteration {it}: class {c + 1} half {h} kept only {len(sel)} particles"
+                    )
+                half_maps[(c, h)] = reconstruct(
+                    images.read(sel), cons.euler_deg[sel], cons.shift_yx_px[sel],
+                    ctf=ctf.subset(sel) if ctf is not None else None,
+                    pixel_size_angstrom=pixel_size, symmetry_group=group,
+                    regularisation=config.regularisation, device=config.device,
+                )
+        resolutions = []
+        for c in range(n_classes):
+            h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
+            avg = (h1 + h2) / 2
+            smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
+            fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
+                                    seed=config.seed + it)
+            res_c = max(fsc.resolution_angstrom, nyquist)
+            resolutions.append(res_c)
+            prefix = "" if n_classes == 1 else f"class{c + 1}_"
+            write_map(it_dir / f"{prefix}half1.mrc", h1, pixel_size)
+            write_map(it_dir / f"{prefix}half2.mrc", h2, pixel_size)
+            write_map(it_dir / f"{prefix}map_unfiltered.mrc", avg, pixel_size)
+            write_map(it_dir / f"{prefix}map.mrc", lowpass(avg, res_c, pixel_size), pixel_size)
+            _write_fsc_star(it_dir / f"{prefix}fsc.star", fsc, pixel_size, box)
+            _plot_fsc(it_dir / f"{prefix}fsc.png", fsc,
+                      f"iteration {it}, class {c + 1}: {fsc.resolution_angstrom:.2f} Å")
+            n1 = half_maps[(c, 1)]
+            n2 = half_maps[(c, 2)]
+            if config.low_resolution_join_angstrom > 0:
+                n1, n2 = _join_low_resolution(n1, n2, config.low_resolution_join_angstrom,
+                                              pixel_size)
+            for h, m in ((1, n1), (2, n2)):
+                refs[(c, h)] = lowpass(m, res_c, pixel_size)
+                write_map(it_dir / f"reference_class{c + 1}_half{h}.mrc", refs[(c, h)],
+                          pixel_size)
+            class_stats.append({
+                "class": c + 1,
+                "particles": int(((cons.class_index == c) & keep).sum()),
+                "resolution_angstrom": float(fsc.resolution_angstrom),
+                "resolution_05_angstrom": float(fsc.resolution_05_angstrom),
+                "resolution_unmasked_angstrom": float(fsc.resolution_unmasked_angstrom),
+            })
+        new_res = float(min(resolutions))
+        shell_old = box * pixel_size / resolution
+        shell_new = box * pixel_size / new_res
+        is_stalled = shell_new - shell_old < 1.0
+        stalled = stalled + 1 if is_stalled else 0
+        resolution = new_res
+
+        origin = shift_px_to_origin_angstrom(cons.shift_yx_px, pixel_size)
+        updates = {
+            "rlnAngleRot": cons.euler_deg[:, 0],
+            "rlnAngleTilt": cons.euler_deg[:, 1],
+            "rlnAnglePsi": cons.euler_deg[:, 2],
+            "rlnOriginXAngst": origin[:, 0],
+            "rlnOriginYAngst": origin[:, 1],
+            "rlnRandomSubset": halves,
+            "rlnClassNumber": cons.class_index + 1,
+            "rlnSwiftalignAngularSpread": cons.angular_spread_deg,
+            "rlnSwiftalignShiftSpread": cons.shift_spread_px,
+            "rlnSwiftalignKept": keep.astype(int),
+        }
+        write_particles(it_dir / "particles.star", table, box_size=box, updates=updates)
+        np.save(it_dir / "shifts.npy", shifts_prev)
+        entry = {
+            "iteration": it,
+            "alignment_resolution_angstrom": t_align,
+            "global_resolution_angstrom": t_global,
+            "angular_step_deg": dphi,
+            "shift_step_px": ds,
+            "resolution_angstrom": new_res,
+            "kept": int(keep.sum()),
+            "rejected": int((~keep).sum()),
+            "classes": class_stats,
+            "stalled": bool(is_stalled),
+            "seconds": time.perf_counter() - t_it,
+        }
+        history.append(entry)
+        log.info("iteration %d: %.2f Å (FSC %.3f), %d kept, %d rejected, %.0f s", it, new_res,
+                 config.fsc_threshold, entry["kept"], entry["rejected"], entry["seconds"])
+        run = {**(record or {}), "parameters": config.model_dump(), "iteration": entry,
+               "history": history}
+        from swiftalign.cli._common import write_json
+
+        write_json(it_dir / "run.json", run)
+        write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
+                                "history": history})
+        final = out / "final"
+        tmp_final = out / ".final.tmp"
+        if tmp_final.exists():
+            shutil.rmtree(tmp_final)
+        shutil.copytree(it_dir, tmp_final)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp_final, final)
+    return {"history": history, "resolution_angstrom": resolution}
