@@ -68,7 +68,7 @@ def lowpass(volume: np.ndarray, resolution_angstrom: float, pixel_size_angstrom:
     x = np.clip((r - (cut - width / 2)) / width, 0.0, 1.0)
     filt = 0.5 * (1 + np.cos(np.pi * x))
     spec = np.fft.rfftn(volume) * filt
-    return np.fft.irfftn(spec, s=volume.shape).astype(np.float32)
+    return np.fft.irfftn(spec, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def auto_solvent_mask(volume: np.ndarray, pixel_size_angstrom: float, *,
@@ -107,7 +107,7 @@ def _randomise_phases(volume: np.ndarray, from_shell: int, rng: np.random.Genera
     sel = shell >= from_shell
     phases = rng.uniform(0, 2 * np.pi, int(sel.sum()))
     spec[sel] = np.abs(spec[sel]) * np.exp(1j * phases)
-    return np.fft.irfftn(spec, s=volume.shape).astype(np.float32)
+    return np.fft.irfftn(spec, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -111,8 +112,8 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
     fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
     avg = (fa + fb) / 2
     fa[low], fb[low] = avg[low], avg[low]
-    return (np.fft.irfftn(fa, s=a.shape).astype(np.float32),
-            np.fft.irfftn(fb, s=b.shape).astype(np.float32))
+    return (np.fft.irfftn(fa, s=a.shape, axes=(0, 1, 2)).astype(np.float32),
+            np.fft.irfftn(fb, s=b.shape, axes=(0, 1, 2)).astype(np.float32))
 
 
 def _write_fsc_star(path: Path, fsc, pixel_size: float, box: int) -> None:
@@ -174,6 +175,45 @@ def _plot_fsc(path: Path, fsc, title: str) -> None:
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
+                pixel_size, ctf, n_classes):
+    """Local search only: ±local_angle_deg and ±local_shift_px around the current poses,
+    down to half the steps of ``t_align`` (thesis §7.3)."""
+    import torch
+
+    from swiftalign.alignment import particle_vectors, resolve_device
+    from swiftalign.fourier import make_disc
+    from swiftalign.local_search import refine_local
+    from swiftalign.projection import VolumeSpectrum
+
+    device = resolve_device(config.device)
+    box = images.box_size
+    disc = make_disc(box, min(pixel_size / t_align, 0.5))
+    _, queries = particle_vectors(images, disc, ctf=None, pixel_size_angstrom=pixel_size,
+                                  metric=config.metric, device=device, rows=rows,
+                                  recentre_shift_yx_px=shifts[rows])
+    fine = angular_step_deg(t_align, pixel_size, box) / 2
+    rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
+    best_d = np.full(len(rows), np.inf)
+    out_e = poses[rows].copy()
+    out_s = shifts[rows].copy()
+    out_c = classes[rows].copy()
+    for c in range(n_classes):
+        spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, half)], device=device))
+        e, s, d = refine_local(
+            spectrum, queries, poses[rows], np.zeros((len(rows), 2)), disc=disc,
+            metric=config.metric, angle_step_deg=config.local_angle_deg,
+            shift_step_px=config.local_shift_px, rounds=rounds,
+            ctf=ctf.subset(rows) if ctf is not None else None, pixel_size_angstrom=pixel_size,
+        )
+        better = d < best_d
+        best_d[better] = d[better]
+        out_e[better] = e[better]
+        out_s[better] = s[better] + shifts[rows][better]
+        out_c[better] = c
+    return out_e, out_s, out_c
 
 
 def run_refinement(
@@ -244,6 +284,8 @@ def run_refinement(
     resolution = config.initial_resolution_angstrom
     history: list[dict] = []
     shifts_prev = np.zeros((len(table), 2))
+    poses_prev = np.zeros((len(table), 3))
+    classes_prev = np.zeros(len(table), dtype=int)
     start_it = 1
     state_path = out / "state.json"
     if resume and state_path.exists():
@@ -256,6 +298,8 @@ def run_refinement(
             for h in (1, 2):
                 refs[(c, h)] = read_map(last / f"reference_class{c + 1}_half{h}.mrc").data
         shifts_prev = np.load(last / "shifts.npy")
+        poses_prev = np.load(last / "poses.npy")
+        classes_prev = np.load(last / "classes.npy")
         log.info("continuing after iteration %d (%.2f Å)", state["iteration"], resolution)
 
     stalled = 0
@@ -274,7 +318,21 @@ def run_refinement(
         euler_all = np.zeros((n, reps, 3))
         shift_all = np.zeros((n, reps, 2))
         class_all = np.zeros((n, reps), dtype=int)
-        for h in (1, 2):
+        local_pass = it > config.iterations - config.local_passes and it > 1
+        if local_pass:
+            # deterministic: one search per half stands for every repetition
+            masked = {k: v * mask if mask is not None else v for k, v in refs.items()}
+            for h in (1, 2):
+                rows = np.nonzero(halves == h)[0]
+                e, sft, cl = _local_pass(
+                    images, masked, h, rows, poses_prev, shifts_prev, classes_prev,
+                    config=config, t_align=t_align, pixel_size=pixel_size, ctf=ctf,
+                    n_classes=n_classes,
+                )
+                euler_all[rows] = e[:, None]
+                shift_all[rows] = sft[:, None]
+                class_all[rows] = cl[:, None]
+        for h in (1, 2) if not local_pass else ():
             rows = np.nonzero(halves == h)[0]
             for r in range(reps):
                 best_d = np.full(len(rows), np.inf)
@@ -310,6 +368,8 @@ def run_refinement(
                          angle_tolerance_deg=dphi, shift_tolerance_px=ds)
         keep = cons.keep
         shifts_prev = cons.shift_yx_px
+        poses_prev = cons.euler_deg
+        classes_prev = cons.class_index
 
         it_dir = out / f"it{it:03d}"
         it_dir.mkdir(exist_ok=True)
@@ -383,6 +443,8 @@ def run_refinement(
         }
         write_particles(it_dir / "particles.star", table, box_size=box, updates=updates)
         np.save(it_dir / "shifts.npy", shifts_prev)
+        np.save(it_dir / "poses.npy", poses_prev)
+        np.save(it_dir / "classes.npy", classes_prev)
         entry = {
             "iteration": it,
             "alignment_resolution_angstrom": t_align,
@@ -394,6 +456,7 @@ def run_refinement(
             "rejected": int((~keep).sum()),
             "classes": class_stats,
             "stalled": bool(is_stalled),
+            "local_pass": bool(local_pass),
             "seconds": time.perf_counter() - t_it,
         }
         history.append(entry)

@@ -44,7 +44,8 @@ def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> N
         fh.setLevel(logging.DEBUG)
         handlers.append(fh)
     logging.basicConfig(level=logging.DEBUG if log_file else level, handlers=handlers, force=True)
-    logging.getLogger("faiss").setLevel(logging.WARNING)
+    for noisy in ("faiss", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
 
