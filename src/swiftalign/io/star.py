@@ -339,6 +339,26 @@ def _optics_for_output(table: ParticleTable, box_size: int) -> tuple[pd.DataFram
     return optics, groups
 
 
+def _rebase_image_names(names: pd.Series, source_dir: Path, target_dir: Path) -> pd.Series:
+    """Rewrite relative ``N@stack`` paths so they resolve from ``target_dir`` as they did from
+    ``source_dir`` (images are found relative to the STAR file's folder)."""
+    src, dst = Path(source_dir).resolve(), Path(target_dir).resolve()
+    if src == dst:
+        return names
+    cache: dict[str, str] = {}
+
+    def rebase(name: str) -> str:
+        m = _IMAGE_NAME.match(name)
+        if not m or Path(m.group(2)).is_absolute():
+            return name
+        stack = m.group(2)
+        if stack not in cache:
+            cache[stack] = os.path.relpath(src / stack, dst)
+        return f"{m.group(1)}@{cache[stack]}"
+
+    return names.map(rebase)
+
+
 def write_particles(
     path: str | Path,
     table: ParticleTable,
@@ -349,7 +369,8 @@ def write_particles(
 ) -> None:
     """Write a RELION 3.1+ particle STAR file atomically.
 
-    Every input column is kept; ``updates`` adds or replaces columns (e.g.
+    Every input column is kept (relative image paths are rewritten to resolve
+    from the output's folder); ``updates`` adds or replaces columns (e.g.
     ``rlnAngleRot``…, ``rlnOriginXAngst``…). Pixel-unit origins
     (``rlnOriginX/Y``) are dropped when Å origins are written, so a file never
     carries two disagreeing shifts.
@@ -369,6 +390,10 @@ def write_particles(
     """
     path = Path(path)
     particles = table.particles.copy()
+    if "rlnImageName" in particles:
+        particles["rlnImageName"] = _rebase_image_names(
+            particles["rlnImageName"].astype(str), table.path.parent, path.parent
+        )
     optics, groups = _optics_for_output(table, box_size)
     particles["rlnOpticsGroup"] = groups
     for name, values in (updates or {}).items():
