@@ -5,6 +5,8 @@
    both error tables, the speed ratio and the wall time.
 3. Align the 10 bundled real TRPV1 particles and print their angular
    difference to the published poses.
+4. Refine the simulated set for two iterations from the map low-passed to
+   30 Å and print the resolution per iteration.
 
 Run: ``python -m swiftalign.demo [OUTDIR]`` (default ``demo_output``).
 """
@@ -109,6 +111,27 @@ def main(out_dir: str = "demo_output") -> int:
     console.print(t)
     console.print(f"real particles: median angular difference {np.median(diff):.1f}° "
                   f"(ΔΦ = {dphi:.2f}°)")
+    # A short gold-standard refinement from the map low-passed to 30 Å.
+    from swiftalign.fsc import lowpass
+    from swiftalign.io.mrc import MapData
+    from swiftalign.refinement import RefineConfig, run_refinement
+
+    console.rule("refinement: 2,000 simulated particles, start 30 Å")
+    init = MapData(lowpass(ref.data, 30.0, ps), ps, ref.path)
+    t0 = time.perf_counter()
+    with ParticleImages(table) as parts:
+        result = run_refinement(table, parts, [init], out / "refine", RefineConfig(
+            initial_resolution_angstrom=30.0, symmetry=symmetry, iterations=2, repetitions=2))
+    t = Table(title=f"refinement ({time.perf_counter() - t0:.0f} s) → {out / 'refine'}")
+    for col in ("iteration", "aligned at (Å)", "FSC 0.143 (Å)", "FSC 0.5 (Å)", "kept",
+                "rejected", "time (s)"):
+        t.add_column(col, justify="right")
+    for h in result["history"]:
+        t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
+                  f"{h['resolution_angstrom']:.2f}", f"{h['classes'][0]['resolution_05_angstrom']:.2f}",
+                  str(h["kept"]), str(h["rejected"]), f"{h['seconds']:.0f}")
+    console.print(t)
+    console.print(f"Nyquist: {2 * ps:.2f} Å")
     console.print(f"demo wall time: {time.perf_counter() - t_all:.1f} s")
     return 0
 
