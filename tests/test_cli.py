@@ -115,10 +115,13 @@ def test_box_mismatch(sim, tmp_path):
 def test_non_finite_pixels(sim, tmp_path):
     blocks, data = _copy_dataset(sim, tmp_path)
     data[7, 3, 3] = np.nan
+    data[9, 0, 0] = np.inf
     mrcfile.write(tmp_path / "particles.mrcs", data, voxel_size=4.88)
     starfile.write(blocks, tmp_path / "p.star")
     out = tmp_path / "o.star"
-    _expect_error(_align(tmp_path / "p.star", out), out, "image 8", "non-finite")
+    # 2 of 120 unusable (> 1 %): stop before any work, naming them
+    _expect_error(_align(tmp_path / "p.star", out), out, "2 of 120", "image 8",
+                  "non-finite")
 
 
 def test_bad_index_string(sim, tmp_path):

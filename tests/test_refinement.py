@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import starfile
 from scipy.spatial.transform import Rotation
+from tests.conftest import shared_file
 from typer.testing import CliRunner
 
 from swiftalign.cli.main import app
@@ -20,12 +21,11 @@ from swiftalign.consensus import consensus
 from swiftalign.conventions import matrix_to_euler, origin_angstrom_to_shift_px
 from swiftalign.ctf import CtfParams
 from swiftalign.evaluate import symmetric_angular_error_deg
-from swiftalign.fsc import fsc_curve, gold_standard_fsc, lowpass, resolution_at, auto_solvent_mask
+from swiftalign.fsc import auto_solvent_mask, fsc_curve, gold_standard_fsc, lowpass, resolution_at
 from swiftalign.io import read_map, write_map
 from swiftalign.reconstruction import reconstruct
 from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
 from swiftalign.symmetry import symmetry_matrices
-from tests.conftest import shared_file
 
 MAP = Path(str(files("swiftalign") / "data" / "trpv1_volume.mrc"))
 runner = CliRunner()

@@ -54,7 +54,7 @@ __all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vector
 log = logging.getLogger(__name__)
 
 #: Relative pixel-size mismatch between reference and particles that is tolerated.
-PIXEL_SIZE_TOLERANCE = 0.01
+PIXEL_SIZE_TOLERANCE = 0.05
 
 
 class AlignConfig(BaseModel):
@@ -317,20 +317,29 @@ def resolve_device(device: str) -> str:
 
 def check_inputs(
     table: ParticleTable, images: ParticleImages, reference: MapData
-) -> float:
-    """Checks made before any long work; returns the particle pixel size (Å/px).
+) -> tuple[float, MapData]:
+    """Checks made before any long work.
+
+    Returns the particle pixel size (Å/px) and the reference on the particles'
+    pixel grid: a voxel size within :data:`PIXEL_SIZE_TOLERANCE` of the pixel
+    size is resampled to it (cubic spline about the centre ``N // 2``, with a
+    warning); a voxel size of 0 is taken to be the particle pixel size (warning).
 
     Raises
     ------
     InputError
         Box-size or pixel-size mismatch between map and particles, particles
-        with several pixel sizes, or a non-cubic map.
+        with several pixel sizes (naming the optics groups), or a non-cubic map.
     """
     ps = table.pixel_size_angstrom
     if not np.allclose(ps, ps[0], rtol=1e-4):
+        groups = (table.particles["rlnOpticsGroup"].to_numpy()
+                  if "rlnOpticsGroup" in table.particles else np.zeros(len(ps), int))
+        found = sorted({(int(g), round(float(p), 4)) for g, p in zip(groups, ps, strict=True)})
+        listing = ", ".join(f"group {g}: {p} Å" for g, p in found[:6])
         raise InputError(
-            f"{table.path}: particles have several pixel sizes ({sorted(set(ps.round(4)))} Å); "
-            "align each optics group separately"
+            f"{table.path}: optics groups have different pixel sizes ({listing}); "
+            "process each optics group separately (or rescale the particles first)"
         )
     pixel_size = float(ps[0])
     shape = reference.data.shape
@@ -348,18 +357,36 @@ def check_inputs(
             f"{pixel_size} Å (pass --reference-angpix to set it)",
             stacklevel=2,
         )
-    elif abs(vox - pixel_size) / pixel_size > PIXEL_SIZE_TOLERANCE:
+        return pixel_size, MapData(reference.data, pixel_size, reference.path)
+    mismatch = abs(vox - pixel_size) / pixel_size
+    if mismatch > PIXEL_SIZE_TOLERANCE:
         raise InputError(
             f"{reference.path}: voxel size {vox} Å differs from the particle pixel size "
-            f"{pixel_size} Å by more than {PIXEL_SIZE_TOLERANCE:.0%}; resample the map"
+            f"{pixel_size} Å by {mismatch:.1%}, more than {PIXEL_SIZE_TOLERANCE:.0%}; "
+            "resample the map (e.g. relion_image_handler --rescale_angpix)"
         )
-    elif abs(vox - pixel_size) > 1e-4 * pixel_size:
+    if mismatch > 1e-4:
         warnings.warn(
             f"{reference.path}: voxel size {vox} Å vs particle pixel size {pixel_size} Å; "
-            "using the particle pixel size",
+            "resampling the map to the particle pixel size",
             stacklevel=2,
         )
-    return pixel_size
+        return pixel_size, MapData(resample_map(reference.data, vox, pixel_size),
+                                   pixel_size, reference.path)
+    return pixel_size, reference
+
+
+def resample_map(volume: np.ndarray, voxel_size_angstrom: float,
+                 target_angstrom: float) -> np.ndarray:
+    """Resample a `(N, N, N)` map to another voxel size on the same box (centre ``N // 2``)."""
+    from scipy import ndimage
+
+    n = volume.shape[0]
+    c = n // 2
+    scale = target_angstrom / voxel_size_angstrom
+    offset = c - scale * c
+    return ndimage.affine_transform(volume, np.full(3, scale), offset=offset, order=3,
+                                    mode="constant").astype(np.float32)
 
 
 def make_sampling(config: AlignConfig, pixel_size: float, box_size: int) -> Sampling:
@@ -423,7 +450,7 @@ def align_particles(
     """
     timings: dict[str, float] = {}
     symmetry = config.symmetry_checked()
-    pixel_size = check_inputs(table, images, reference)
+    pixel_size, reference = check_inputs(table, images, reference)
     box = images.box_size
     ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
     device = resolve_device(config.device)

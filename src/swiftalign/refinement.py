@@ -261,9 +261,9 @@ def run_refinement(
     out.mkdir(parents=True, exist_ok=True)
     sym = config.symmetry.upper()
     group = symmetry_matrices(sym)
-    pixel_size = check_inputs(table, images, references[0])
-    for ref in references[1:]:
-        check_inputs(table, images, ref)
+    checked = [check_inputs(table, images, ref) for ref in references]
+    pixel_size = checked[0][0]
+    references = [ref for _, ref in checked]
     box = images.box_size
     ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
     halves = _half_sets(table, config.seed)

@@ -65,6 +65,9 @@ def align_command(
     reference_angpix: Annotated[float | None, typer.Option(
         help="Reference voxel size (Å) when its header says 0.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (gallery perturbation, training).")] = 0,
+    max_bad_fraction: Annotated[float, typer.Option(
+        help="Unusable particles (NaN/Inf pixels, constant images) are left out with a "
+        "warning; stop if more than this fraction.")] = 0.01,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")] = False,
 ) -> None:
@@ -74,7 +77,7 @@ def align_command(
     from swiftalign.alignment import AlignConfig, align_particles
     from swiftalign.conventions import shift_px_to_origin_angstrom
     from swiftalign.io.mrc import read_map
-    from swiftalign.io.particles import ParticleImages
+    from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles, write_particles
 
     output = Path(output)
@@ -96,7 +99,7 @@ def align_command(
             raise ValueError(f"-o {output} is a folder; give a STAR file name")
         table = read_particles(particles, angpix=angpix)
         ref = read_map(reference, voxel_size_angstrom=reference_angpix)
-        images = ParticleImages(table)
+        table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
         with progress_bars(quiet) as progress:
             result = align_particles(table, images, ref, config, progress=progress)
         images.close()
@@ -111,24 +114,8 @@ def align_command(
         }
         write_particles(output, table, box_size=result.box_size, updates=updates)
         if k > 1:
-            import pandas as pd
-
-            from swiftalign.io.star import ParticleTable
-
-            rep = np.repeat(np.arange(len(table)), k)
-            expanded = ParticleTable(
-                particles=table.particles.iloc[rep].reset_index(drop=True),
-                optics=table.optics, path=table.path,
-                pixel_size_angstrom=table.pixel_size_angstrom[rep],
-                voltage_kv=table.voltage_kv[rep], cs_mm=table.cs_mm[rep],
-                amplitude_contrast=table.amplitude_contrast[rep],
-                other_blocks=table.other_blocks,
-            )
             kk = result.euler_deg.shape[1]
-            rep = np.repeat(np.arange(len(table)), kk)
-            expanded.particles = table.particles.iloc[rep].reset_index(drop=True)
-            for name in ("pixel_size_angstrom", "voltage_kv", "cs_mm", "amplitude_contrast"):
-                setattr(expanded, name, getattr(table, name)[rep])
+            expanded = table.subset(np.repeat(np.arange(len(table)), kk))
             topk = {
                 "rlnAngleRot": result.euler_deg[..., 0].ravel(),
                 "rlnAngleTilt": result.euler_deg[..., 1].ravel(),
@@ -138,7 +125,6 @@ def align_command(
                 "rlnSwiftalignScore": result.score.ravel(),
                 "rlnSwiftalignRank": np.tile(np.arange(1, kk + 1), len(table)),
             }
-            del pd
             write_particles(output.with_name(f"{output.stem}_top{kk}.star"), expanded,
                             box_size=result.box_size, updates=topk)
     except USER_ERRORS as exc:

@@ -71,13 +71,16 @@ def refine_command(
     reference_angpix: Annotated[float | None, typer.Option(
         help="Reference voxel size (Å) when its header says 0.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (half sets, galleries).")] = 0,
+    max_bad_fraction: Annotated[float, typer.Option(
+        help="Unusable particles (NaN/Inf pixels, constant images) are left out with a "
+        "warning; stop if more than this fraction.")] = 0.01,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")] = False,
 ) -> None:
     from pydantic import ValidationError
 
     from swiftalign.io.mrc import read_map
-    from swiftalign.io.particles import ParticleImages
+    from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles
     from swiftalign.refinement import RefineConfig, run_refinement
     from swiftalign.symmetry import parse_symmetry
@@ -107,7 +110,7 @@ def refine_command(
             if len(set(r.data.shape)) != 1:
                 raise ValueError(f"{r.path}: map is not cubic {r.data.shape}; refinement needs "
                                  "a cubic map")
-        images = ParticleImages(table)
+        table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
     except USER_ERRORS as exc:
         fail(exc)
     setup_logging(verbose, quiet, Path(out) / "run.log")

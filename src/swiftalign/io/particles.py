@@ -15,7 +15,33 @@ from swiftalign.errors import MrcFileError, StarFileError
 from swiftalign.io.mrc import open_stack
 from swiftalign.io.star import ParticleTable, parse_image_name
 
-__all__ = ["ParticleImages"]
+__all__ = ["ParticleImages", "clip_hot_pixels", "open_usable_particles"]
+
+#: Pixels further than this many robust standard deviations from the median are clipped.
+HOT_PIXEL_SIGMA = 8.0
+
+
+def clip_hot_pixels(images: np.ndarray, *, n_sigma: float = HOT_PIXEL_SIGMA) -> np.ndarray:
+    """Clip outlier pixels (detector hot pixels) of each image.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        `(b, h, w)` images.
+    n_sigma : float
+        Clip at median ± ``n_sigma`` · 1.4826 · MAD of each image.
+
+    Returns
+    -------
+    np.ndarray
+        `(b, h, w)` float32 (modified in place).
+    """
+    flat = images.reshape(len(images), -1)
+    med = np.median(flat, axis=1, keepdims=True)
+    mad = np.median(np.abs(flat - med), axis=1, keepdims=True) * 1.4826
+    mad = np.where(mad > 0, mad, np.std(flat, axis=1, keepdims=True))
+    np.clip(flat, med - n_sigma * mad, med + n_sigma * mad, out=flat)
+    return images
 
 
 class ParticleImages:
@@ -100,6 +126,76 @@ class ParticleImages:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def scan(self, *, max_bad_fraction: float = 0.01, batch_size: int = 1024) -> np.ndarray:
+        """Find unusable particles before any long work.
+
+        A particle is unusable when it has a non-finite pixel (NaN, ±Inf) or no
+        contrast at all (constant, e.g. all zeros). They are reported (a warning
+        naming stack and image) and left out; a pure-noise particle is kept.
+
+        Parameters
+        ----------
+        max_bad_fraction : float
+            Stop when more than this fraction of the particles is unusable.
+
+        Returns
+        -------
+        np.ndarray
+            `(n,)` bool, True for usable particles.
+
+        Raises
+        ------
+        MrcFileError
+            More than ``max_bad_fraction`` unusable particles (names the first ones).
+        """
+        import warnings
+
+        n = len(self)
+        good = np.ones(n, dtype=bool)
+        reasons: list[str] = []
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(n, start + batch_size))
+            data = self._gather(rows)
+            finite = np.isfinite(data).all(axis=(1, 2))
+            with np.errstate(invalid="ignore", over="ignore"):
+                spread = np.where(finite, np.ptp(np.where(np.isfinite(data), data, 0), axis=(1, 2)), 0)
+            bad = ~finite | (spread <= 0)
+            for j in np.nonzero(bad)[0]:
+                row = int(rows[j])
+                why = "non-finite pixels" if not finite[j] else "constant image"
+                reasons.append(f"{self._describe(row)}: {why}")
+            good[rows[bad]] = False
+        n_bad = int((~good).sum())
+        if n_bad:
+            listing = "; ".join(reasons[:5]) + (" …" if n_bad > 5 else "")
+            if n_bad > max_bad_fraction * n:
+                raise MrcFileError(
+                    f"{n_bad} of {n} particles are unusable (more than "
+                    f"{max_bad_fraction:.1%}): {listing}"
+                )
+            warnings.warn(f"leaving out {n_bad} of {n} unusable particles: {listing}",
+                          stacklevel=2)
+        return good
+
+    def _describe(self, row: int) -> str:
+        return (f"{self.stack_paths[self._stack_id[row]]} image {self._index[row] + 1} "
+                f"(STAR {self.table.path.name} particle {row + 1})")
+
+    def _gather(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.box_size, self.box_size), dtype=np.float32)
+        sids = self._stack_id[indices]
+        for sid in np.unique(sids):
+            rows = np.nonzero(sids == sid)[0]
+            data = self._stacks[sid].data
+            if data.ndim == 2:
+                out[rows] = data
+            else:
+                idx = self._index[indices[rows]]
+                order = np.argsort(idx)
+                out[rows[order]] = data[idx[order]]
+        return out
+
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Read particles by row number.
 
@@ -119,23 +215,34 @@ class ParticleImages:
             An image has non-finite pixels (names stack, image number and STAR row).
         """
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.box_size, self.box_size), dtype=np.float32)
-        sids = self._stack_id[indices]
-        for sid in np.unique(sids):
-            rows = np.nonzero(sids == sid)[0]
-            data = self._stacks[sid].data
-            if data.ndim == 2:
-                out[rows] = data
-            else:
-                idx = self._index[indices[rows]]
-                order = np.argsort(idx)
-                out[rows[order]] = data[idx[order]]
+        out = self._gather(indices)
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
-            j = int(np.argmax(~finite))
-            row = int(indices[j])
-            raise MrcFileError(
-                f"{self.stack_paths[self._stack_id[row]]}: image {self._index[row] + 1} "
-                f"(STAR {self.table.path.name} particle {row + 1}) has non-finite pixels"
-            )
-        return out
+            row = int(indices[int(np.argmax(~finite))])
+            raise MrcFileError(f"{self._describe(row)} has non-finite pixels")
+        return clip_hot_pixels(out)
+
+
+def open_usable_particles(
+    table: ParticleTable, *, max_bad_fraction: float = 0.01
+) -> tuple[ParticleTable, ParticleImages]:
+    """Open a table's images, scan them and leave out unusable particles.
+
+    Returns
+    -------
+    (ParticleTable, ParticleImages)
+        The usable particles (rows renumbered, every column and name kept) and
+        their images.
+
+    Raises
+    ------
+    StarFileError, MrcFileError
+        See :class:`ParticleImages` and :meth:`ParticleImages.scan`.
+    """
+    images = ParticleImages(table)
+    good = images.scan(max_bad_fraction=max_bad_fraction)
+    if good.all():
+        return table, images
+    images.close()
+    kept = table.subset(good)
+    return kept, ParticleImages(kept)

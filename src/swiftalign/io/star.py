@@ -84,6 +84,22 @@ class ParticleTable:
             raise StarFileError(f"{self.path}: particle block has no column '{name}'")
         return np.full(len(self), float(default))
 
+    def subset(self, keep: np.ndarray) -> ParticleTable:
+        """The particles selected by a `(n,)` bool mask or index array (rows renumbered)."""
+        keep = np.asarray(keep)
+        return ParticleTable(
+            particles=self.particles.iloc[keep].reset_index(drop=True)
+            if keep.dtype != bool else self.particles[keep].reset_index(drop=True),
+            optics=self.optics,
+            path=self.path,
+            pixel_size_angstrom=self.pixel_size_angstrom[keep],
+            voltage_kv=self.voltage_kv[keep],
+            cs_mm=self.cs_mm[keep],
+            amplitude_contrast=self.amplitude_contrast[keep],
+            other_blocks=self.other_blocks,
+            particle_block_name=self.particle_block_name,
+        )
+
     def image_names(self) -> list[str]:
         """The ``rlnImageName`` entries."""
         if "rlnImageName" not in self.particles:
