@@ -42,39 +42,38 @@ class MapData:
     path: Path
 
 
-def _check_size(path: Path, mrc) -> None:
-    """Raise if the file is shorter than its header claims."""
-    h = mrc.header
-    nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
-    mode = int(h.mode)
-    item = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
-    if item is None:
-        raise MrcFileError(f"{path}: unsupported MRC mode {mode} (field 'mode')")
-    expected = _HEADER_BYTES + int(h.nsymbt) + nx * ny * nz * item
-    actual = path.stat().st_size
-    if actual < expected:
-        raise MrcFileError(
-            f"{path}: file is truncated: header says {nx}x{ny}x{nz} (mode {mode}) = "
-            f"{expected} bytes, file has {actual} bytes"
-        )
-
-
 def _open(path: Path, *, mmap: bool):
+    """Open an MRC file after checking its header against the file size.
+
+    Everything that could make ``mrcfile`` map or allocate more than the file
+    (absurd dimensions, unknown modes, a file shorter than its header says) is
+    refused here from the raw 1024-byte header, with a clear error.
+    """
     if not path.exists():
         raise MrcFileError(f"{path}: no such file")
-    if path.stat().st_size < _HEADER_BYTES:
+    size = path.stat().st_size
+    if size < _HEADER_BYTES:
+        raise MrcFileError(f"{path}: not an MRC file ({size} bytes, shorter than a header)")
+    head = np.fromfile(path, dtype=np.uint8, count=_HEADER_BYTES).tobytes()
+    for order in ("<", ">"):
+        nx, ny, nz, mode = np.frombuffer(head[:16], dtype=f"{order}i4").tolist()
+        if 0 < nx <= 10**6 and 0 < ny <= 10**6 and 0 < nz <= 2**31 and 0 <= mode <= 16:
+            break
+    else:
+        raise MrcFileError(f"{path}: not an MRC file (header nx, ny, nz, mode invalid)")
+    item = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}.get(mode)
+    if item is None:
+        raise MrcFileError(f"{path}: unsupported MRC mode {mode} (field 'mode'; use 0, 1, 2, 6 "
+                           "or 12)")
+    nsymbt = int(np.frombuffer(head[92:96], dtype=f"{order}i4")[0])
+    if nsymbt < 0 or nsymbt > size:
+        raise MrcFileError(f"{path}: extended header size nsymbt={nsymbt} is invalid")
+    expected = _HEADER_BYTES + nsymbt + nx * ny * nz * item
+    if size < expected:
         raise MrcFileError(
-            f"{path}: not an MRC file ({path.stat().st_size} bytes, shorter than a header)"
+            f"{path}: file is truncated: header says {nx}x{ny}x{nz} (mode {mode}) = "
+            f"{expected} bytes, file has {size} bytes"
         )
-    # Check the declared size from the raw header before mrcfile maps the data,
-    # so an absurd header never allocates or maps more than the file.
-    raw = np.fromfile(path, dtype="<i4", count=56)
-    nx, ny, nz, mode = (int(v) for v in raw[:4])
-    if min(nx, ny, nz) <= 0 or max(nx, ny, nz) > 10**7:
-        swapped = raw.byteswap()
-        nx, ny, nz, mode = (int(v) for v in swapped[:4])
-        if min(nx, ny, nz) <= 0 or max(nx, ny, nz) > 10**7:
-            raise MrcFileError(f"{path}: not an MRC file (header dimensions nx,ny,nz invalid)")
     opener = mrcfile.mmap if mmap else mrcfile.open
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -87,8 +86,40 @@ def _open(path: Path, *, mmap: bool):
     if mrc.data is None:
         mrc.close()
         raise MrcFileError(f"{path}: header could not be parsed as MRC")
-    _check_size(path, mrc)
     return mrc
+
+
+#: IMOD's stamp in the header ``imodStamp`` field; bit 0 of ``imodFlags`` marks signed bytes.
+IMOD_STAMP = 1146047817
+
+
+def _as_float32(path: Path, mrc) -> np.ndarray:
+    """Map data as float32, with mode 0 (bytes) interpreted safely.
+
+    MRC2014 says mode 0 is signed; IMOD writes unsigned bytes unless its stamp
+    and signed flag say otherwise. Unstamped bytes are therefore read as
+    unsigned (0…255, never negative); IMOD-signed bytes stay signed. A byte
+    map with two values (a binary mask, e.g. 0/1, 0/255 or 0/−1) becomes 0/1.
+    Mode 12 (float16) is read and converted exactly.
+    """
+    h = mrc.header
+    if int(h.mode) != 0:
+        return np.array(mrc.data, dtype=np.float32)
+    raw = np.asarray(mrc.data)
+    # imodStamp and imodFlags are header bytes 152-159 (extra2 starts at byte 112)
+    extra2 = bytes(np.asarray(h.extra2).tobytes())
+    order = "<" if h.mode.dtype.byteorder in ("<", "=", "|") else ">"
+    imod_stamp, imod_flags = np.frombuffer(extra2[40:48], dtype=f"{order}i4")
+    signed = imod_stamp == IMOD_STAMP and (int(imod_flags) & 1)
+    data = raw.view(np.int8 if signed else np.uint8).astype(np.float32)
+    values = np.unique(data)
+    if len(values) <= 2 and values.max() != values.min():
+        import warnings
+
+        warnings.warn(f"{path}: byte map with values {values.tolist()} read as a 0/1 mask",
+                      stacklevel=3)
+        data = (data != values[np.argmin(np.abs(values))]).astype(np.float32)
+    return data
 
 
 def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> MapData:
@@ -121,7 +152,7 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
                 f"{path}: axis order MAPC/MAPR/MAPS = {axes} is not (1, 2, 3); "
                 "reorder the map (e.g. relion_image_handler or ChimeraX 'vop') first"
             )
-        data = np.array(mrc.data, dtype=np.float32)  # a writable copy
+        data = _as_float32(path, mrc)
         vox = float(mrc.voxel_size.x)
     if data.ndim != 3:
         raise MrcFileError(f"{path}: expected a 3D map, got shape {data.shape}")
