@@ -385,9 +385,9 @@ class TrainedIndex:
             for j in range(pre.chain.size()):
                 vt = faiss.downcast_VectorTransform(pre.chain.at(j))
                 if isinstance(vt, faiss.OPQMatrix):
-                    vt.niter = 16
+                    vt.niter = 8
                     vt.niter_pq = 4
-                    vt.max_train_points = 32768
+                    vt.max_train_points = 8192
         self._parts = parts  # keep Python wrappers alive
         for part in parts:
             if hasattr(part, "do_polysemous_training"):
