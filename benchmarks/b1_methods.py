@@ -143,7 +143,7 @@ def main(n_particles: int = 3000, n_baseline: int = 100) -> str:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results[method] = r
     exact = np.asarray(results["Flat"]["euler"])
-    for method, r in results.items():
+    for r in results.values():
         m = len(r["euler"])
         ang, sh = errors(np.asarray(r["euler"]), np.asarray(r["shift"]), true_euler[:m],
                          true_shift[:m])
