@@ -104,3 +104,19 @@ def test_noisy_set_median_error_below_step(trpv1_map, noisy_dataset):
     true_shift = -truth[["rlnOriginYAngst", "rlnOriginXAngst"]].to_numpy() / 4.88
     shift_err = np.hypot(*(results["Flat"].shift_yx_px[:, 0] - true_shift).T)
     assert np.median(shift_err) < results["Flat"].sampling.shift_step_px / 2
+
+
+def test_relion_projections_odd_box_recovered():
+    """RELION's own projections (65 px, odd box) of the 70S ribosome: poses recovered."""
+    from swiftalign.io import read_map
+    from tests.conftest import shared_file
+
+    ref = read_map(shared_file("aspire/clean70SRibosome_vol_65p.mrc"), voxel_size_angstrom=5.0)
+    table = read_particles(shared_file("aspire/rln_proj_65.star"), angpix=5.0)
+    with ParticleImages(table) as parts:
+        res = align_particles(table, parts, ref, AlignConfig(
+            resolution_angstrom=30.0, max_shift_px=0.0, ctf_mode="none", index="Flat"))
+    truth = table.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    err = symmetric_angular_error_deg(res.euler_deg[:, 0], truth)
+    assert np.median(err) < res.sampling.angular_step_deg / 2
+    assert err.max() < res.sampling.angular_step_deg
