@@ -30,6 +30,16 @@ class CtfParams:
         Additional phase shift in degrees (phase plate).
     """
 
+    _FIELDS = (
+        "defocus_u_angstrom",
+        "defocus_v_angstrom",
+        "defocus_angle_deg",
+        "voltage_kv",
+        "cs_mm",
+        "amplitude_contrast",
+        "phase_shift_deg",
+    )
+
     def __init__(
         self,
         defocus_u_angstrom,
@@ -40,49 +50,19 @@ class CtfParams:
         amplitude_contrast,
         phase_shift_deg=0.0,
     ) -> None:
-        arrays = [
-            np.atleast_1d(np.asarray(a, dtype=np.float64))
-            for a in (
-                defocus_u_angstrom,
-                defocus_v_angstrom,
-                defocus_angle_deg,
-                voltage_kv,
-                cs_mm,
-                amplitude_contrast,
-                phase_shift_deg,
-            )
-        ]
+        values = (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv, cs_mm,
+                  amplitude_contrast, phase_shift_deg)
+        arrays = [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in values]
         n = max(a.size for a in arrays)
-        arrays = [np.broadcast_to(a, (n,)).copy() for a in arrays]
-        (
-            self.defocus_u_angstrom,
-            self.defocus_v_angstrom,
-            self.defocus_angle_deg,
-            self.voltage_kv,
-            self.cs_mm,
-            self.amplitude_contrast,
-            self.phase_shift_deg,
-        ) = arrays
+        for name, a in zip(self._FIELDS, arrays, strict=True):
+            setattr(self, name, np.broadcast_to(a, (n,)).copy())
 
     def __len__(self) -> int:
         return self.defocus_u_angstrom.size
 
     def subset(self, index) -> CtfParams:
         """Parameters of the selected particles."""
-        return CtfParams(
-            *(
-                a[index]
-                for a in (
-                    self.defocus_u_angstrom,
-                    self.defocus_v_angstrom,
-                    self.defocus_angle_deg,
-                    self.voltage_kv,
-                    self.cs_mm,
-                    self.amplitude_contrast,
-                    self.phase_shift_deg,
-                )
-            )
-        )
+        return CtfParams(*(getattr(self, name)[index] for name in self._FIELDS))
 
 
 def electron_wavelength_angstrom(voltage_kv: float | np.ndarray) -> np.ndarray:
