@@ -292,15 +292,8 @@ def _ctf_groups(
     groups = []
     for b in np.unique(bins):
         rows = np.nonzero(bins == b)[0]
-        med = CtfParams(
-            np.median(ctf.defocus_u_angstrom[rows]),
-            np.median(ctf.defocus_v_angstrom[rows]),
-            np.median(ctf.defocus_angle_deg[rows]),
-            np.median(ctf.voltage_kv[rows]),
-            np.median(ctf.cs_mm[rows]),
-            np.median(ctf.amplitude_contrast[rows]),
-            np.median(ctf.phase_shift_deg[rows]),
-        )
+        sub = ctf.subset(rows)
+        med = CtfParams(*(np.median(getattr(sub, name)) for name in CtfParams._FIELDS))
         c = ctf_rfft2(med, pixel_size_angstrom=pixel_size_angstrom, box_size=disc.box_size,
                       device=device)
         groups.append((rows, extract_disc(c.to(torch.complex64), disc.to(device))[0]))
