@@ -142,6 +142,8 @@ def main(n_particles: int = 3000, n_baseline: int = 100) -> str:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results[method] = r
+    if "Flat" not in results:
+        raise RuntimeError(f"the exact search failed: {rows}")
     exact = np.asarray(results["Flat"]["euler"])
     for r in results.values():
         m = len(r["euler"])

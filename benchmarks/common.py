@@ -25,6 +25,8 @@ def simulated_dataset(n_particles: int, out: Path, *, snr_db: float = -10.0, see
     from swiftalign.io import read_map
     from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
 
+    out = out / f"n{n_particles}_snr{snr_db:g}_seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
     star = out / "particles.star"
     truth_file = out / "truth.npz"
     if not star.exists():

@@ -221,7 +221,9 @@ def merge_topk(
 
 def _block_images(gallery: Gallery, budget: int, n_queries: int) -> int:
     """Rotated-gallery images per block so that vectors and scores fit in ``budget`` bytes."""
-    per_image = gallery.n_shifts * (gallery.disc.dim * 4 * 3 + max(n_queries, 1) * 4)
+    # regenerated vectors (and their complex intermediates) plus the score matrix and
+    # top-k workspace
+    per_image = gallery.n_shifts * (gallery.disc.dim * 4 * 4 + max(n_queries, 1) * 4 * 2)
     return max(1, int(budget // max(per_image, 1)))
 
 
@@ -242,7 +244,8 @@ def _exact_search(
     for start in range(0, gallery.n_images, step):
         stop = min(gallery.n_images, start + step)
         vecs, ids = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
-        d = q_norm + (vecs * vecs).sum(dim=1)[None, :] - 2.0 * (q @ vecs.T)
+        d = q @ vecs.T  # (n_queries, m), then turned into distances in place
+        d.mul_(-2.0).add_((vecs * vecs).sum(dim=1)[None, :]).add_(q_norm)
         kk = min(k, d.shape[1])
         dk, ik = torch.topk(d, kk, dim=1, largest=False)
         best_d, best_i = merge_topk(best_d, best_i, dk, ids[ik], k)
