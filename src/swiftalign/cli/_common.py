@@ -11,7 +11,9 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +28,19 @@ import swiftalign
 from swiftalign.errors import SwiftalignError
 
 console = Console(stderr=True)
+
+# Options shared by the commands (one definition, one help text).
+DeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
+MaxMemoryOption = Annotated[float, typer.Option(help="Memory budget for blocks (GB).")]
+AngpixOption = Annotated[float | None, typer.Option(
+    help="Particle pixel size (Å) when the STAR file has none.")]
+ReferenceAngpixOption = Annotated[float | None, typer.Option(
+    help="Reference voxel size (Å) when its header says 0.")]
+MaxBadFractionOption = Annotated[float, typer.Option(
+    help="Unusable particles (NaN/Inf pixels, constant images) are left out with a "
+    "warning; stop if more than this fraction.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")]
 
 
 def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:

@@ -15,6 +15,13 @@ import typer
 
 from swiftalign.cli._common import (
     USER_ERRORS,
+    AngpixOption,
+    DeviceOption,
+    MaxBadFractionOption,
+    MaxMemoryOption,
+    QuietOption,
+    ReferenceAngpixOption,
+    VerboseOption,
     console,
     fail,
     progress_bars,
@@ -58,18 +65,14 @@ def align_command(
                                    "OUTPUT_topK.star).")] = 1,
     local_rounds: Annotated[int, typer.Option(
         help="Rounds of local refinement around the best match (0: off).")] = 2,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    max_memory: Annotated[float, typer.Option(help="Memory budget for blocks (GB).")] = 2.0,
-    angpix: Annotated[float | None, typer.Option(
-        help="Particle pixel size (Å) when the STAR file has none.")] = None,
-    reference_angpix: Annotated[float | None, typer.Option(
-        help="Reference voxel size (Å) when its header says 0.")] = None,
+    device: DeviceOption = "cpu",
+    max_memory: MaxMemoryOption = 2.0,
+    angpix: AngpixOption = None,
+    reference_angpix: ReferenceAngpixOption = None,
     seed: Annotated[int, typer.Option(help="Random seed (gallery perturbation, training).")] = 0,
-    max_bad_fraction: Annotated[float, typer.Option(
-        help="Unusable particles (NaN/Inf pixels, constant images) are left out with a "
-        "warning; stop if more than this fraction.")] = 0.01,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")] = False,
+    max_bad_fraction: MaxBadFractionOption = 0.01,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     import numpy as np
     from pydantic import ValidationError
