@@ -106,17 +106,14 @@ def test_noisy_set_median_error_below_step(trpv1_map, noisy_dataset):
     assert np.median(shift_err) < results["Flat"].sampling.shift_step_px / 2
 
 
-def test_relion_projections_odd_box_recovered():
-    """RELION's own projections (65 px, odd box) of the 70S ribosome: poses recovered."""
-    from swiftalign.io import read_map
+def test_odd_box_refused_with_a_clear_message():
+    """RELION's own 65-px projections: odd boxes are refused before any work (issue 5, 13)."""
     from tests.conftest import shared_file
+
+    from swiftalign.errors import InputError
+    from swiftalign.io import read_map
 
     ref = read_map(shared_file("aspire/clean70SRibosome_vol_65p.mrc"), voxel_size_angstrom=5.0)
     table = read_particles(shared_file("aspire/rln_proj_65.star"), angpix=5.0)
-    with ParticleImages(table) as parts:
-        res = align_particles(table, parts, ref, AlignConfig(
-            resolution_angstrom=30.0, max_shift_px=0.0, ctf_mode="none", index="Flat"))
-    truth = table.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    err = symmetric_angular_error_deg(res.euler_deg[:, 0], truth)
-    assert np.median(err) < res.sampling.angular_step_deg / 2
-    assert err.max() < res.sampling.angular_step_deg
+    with ParticleImages(table) as parts, pytest.raises(InputError, match="odd box size 65"):
+        align_particles(table, parts, ref, AlignConfig(resolution_angstrom=30.0))

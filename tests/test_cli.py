@@ -136,3 +136,49 @@ def test_help_lists_units():
     text = " ".join(r.output.split())
     for unit in ("(Å)", "(px)", "(°)"):
         assert unit in text
+
+
+def test_resolution_finer_than_nyquist(sim, tmp_path):
+    out = tmp_path / "o.star"
+    r = runner.invoke(app, ["align", str(sim / "particles.star"), "--reference", str(MAP),
+                            "--resolution", "5", "-o", str(out), "-q"])
+    _expect_error(r, out, "finer than Nyquist", "9.760")
+    assert not (tmp_path / "o.log").exists()
+
+
+def test_output_must_not_overwrite_input(sim):
+    star = sim / "particles.star"
+    before = star.read_bytes()
+    r = _align(star, star)
+    assert r.exit_code == 2 and "input STAR" in " ".join(r.output.split())
+    assert star.read_bytes() == before
+
+
+def test_constant_reference_refused(sim, tmp_path):
+    mrcfile.write(tmp_path / "zero.mrc", np.zeros((48, 48, 48), np.float32), voxel_size=4.88)
+    out = tmp_path / "o.star"
+    _expect_error(_align(sim / "particles.star", out, reference=tmp_path / "zero.mrc"), out,
+                  "zero.mrc", "constant")
+
+
+def test_continue_needs_a_previous_run(sim, tmp_path):
+    r = runner.invoke(app, ["refine", str(sim / "particles.star"), "-r", str(MAP),
+                            "--initial-resolution", "30", "--continue", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "state.json" in r.output
+
+
+def test_evaluate_matches_by_image_even_when_sorted(sim, tmp_path):
+    out = tmp_path / "aligned.star"
+    assert _align(sim / "particles.star", out, "--index", "Flat", "--local-rounds", "0"
+                  ).exit_code == 0
+    blocks = starfile.read(out, always_dict=True)
+    blocks["particles"] = blocks["particles"].sort_values("rlnSwiftalignScore")
+    starfile.write(blocks, tmp_path / "sorted.star")
+    res = []
+    for f in (out, tmp_path / "sorted.star"):
+        r = runner.invoke(app, ["evaluate", str(f), "--truth", str(sim / "particles.star"),
+                                "--symmetry", "C4", "--json", str(tmp_path / "e.json"), "-q"])
+        assert r.exit_code == 0, r.output
+        res.append(json.loads((tmp_path / "e.json").read_text())["summary"])
+    assert res[0]["angular_error_deg"]["median"] == pytest.approx(
+        res[1]["angular_error_deg"]["median"])

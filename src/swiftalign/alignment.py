@@ -301,7 +301,17 @@ def _ctf_groups(
 
 
 def resolve_device(device: str) -> str:
-    """``cuda`` when asked for and available, else ``cpu`` (with a warning)."""
+    """``cuda`` when asked for and available, else ``cpu`` (with a warning).
+
+    Raises
+    ------
+    InputError
+        For anything but ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device {device!r}: use cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         warnings.warn("CUDA is not available: running on the CPU", stacklevel=2)
         return "cpu"
@@ -338,6 +348,13 @@ def check_inputs(
     shape = reference.data.shape
     if len(set(shape)) != 1:
         raise InputError(f"{reference.path}: map is not cubic ({shape})")
+    if shape[0] % 2:
+        raise InputError(
+            f"{reference.path}: odd box size {shape[0]} is not supported (the projector is not "
+            "centred exactly on pixel N//2 for odd boxes); pad or crop to an even box"
+        )
+    if float(np.ptp(reference.data)) == 0.0:
+        raise InputError(f"{reference.path}: reference map is constant ({reference.data.flat[0]})")
     if shape[0] != images.box_size:
         raise InputError(
             f"{reference.path}: map box {shape[0]} px differs from the particle box "
@@ -447,9 +464,28 @@ def align_particles(
     box = images.box_size
     ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
     device = resolve_device(config.device)
+    if config.resolution_angstrom < 2 * pixel_size:
+        raise InputError(
+            f"--resolution {config.resolution_angstrom} Å is finer than Nyquist "
+            f"({2 * pixel_size:.3f} Å at {pixel_size} Å/px)"
+        )
+    if ctf is not None and (ctf.defocus_u_angstrom <= 0).any():
+        i = int(np.argmax(ctf.defocus_u_angstrom <= 0))
+        raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
+                         f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
     sampling = make_sampling(config, pixel_size, box)
     disc = make_disc(box, sampling.disc_radius_fftfreq)
     validate_factory(config.index, disc.dim)
+    n_dirs_est = 4 * math.pi / math.radians(sampling.angular_step_deg) ** 2 / len(
+        symmetry_matrices(symmetry))
+    gallery_bytes = n_dirs_est * 360.0 / sampling.psi_step_deg * disc.n_coeff * 8
+    if gallery_bytes > config.max_memory_gb * 1024**3:
+        raise InputError(
+            f"the rotated gallery needs about {gallery_bytes / 1024**3:.1f} GB at "
+            f"--resolution {config.resolution_angstrom} Å (ΔΦ {sampling.angular_step_deg:.2f}°), "
+            f"more than --max-memory {config.max_memory_gb} GB: use a coarser resolution, a "
+            "larger --angular-step, or raise --max-memory"
+        )
 
     def step_progress(name: str, total: int):
         done = [0]

@@ -15,7 +15,7 @@ import numpy as np
 
 from swiftalign.conventions import angular_distance_deg, euler_to_matrix
 from swiftalign.errors import InputError
-from swiftalign.io.star import ParticleTable
+from swiftalign.io.star import ParticleTable, parse_image_name
 from swiftalign.symmetry import symmetry_matrices
 
 __all__ = ["symmetric_angular_error_deg", "PoseErrors", "compare_tables", "summarise"]
@@ -114,8 +114,18 @@ def compare_tables(
     """
     ea, sa = _poses(aligned)
     et, st = _poses(truth)
-    names_a = [n.strip() for n in aligned.image_names()]
-    pos = {name.strip(): i for i, name in enumerate(truth.image_names())}
+    def keys(table: ParticleTable) -> list[str]:
+        out = []
+        for name in table.image_names():
+            try:
+                idx, path = parse_image_name(name, table.path.parent)
+                out.append(f"{idx}@{path.resolve()}")
+            except InputError:
+                out.append(name.strip())
+        return out
+
+    names_a = keys(aligned)
+    pos = {name: i for i, name in enumerate(keys(truth))}
     missing = [n for n in names_a if n not in pos]
     if not missing:
         idx = np.array([pos[n] for n in names_a])

@@ -406,8 +406,22 @@ class TrainedIndex:
             return None
 
     def train(self, vectors: torch.Tensor) -> None:
-        """Train on `(n, dim)` vectors."""
-        self.index.train(_pad(vectors, self.padded_dim))
+        """Train on `(n, dim)` vectors.
+
+        Raises
+        ------
+        ValueError
+            When FAISS cannot train this index on these vectors (e.g. more PCA
+            components than dimensions, more lists than training vectors).
+        """
+        try:
+            self.index.train(_pad(vectors, self.padded_dim))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
+            raise ValueError(
+                f"--index {self.factory!r} cannot be trained on {vectors.shape[0]} vectors of "
+                f"{self.padded_dim} components ({first})"
+            ) from None
 
     def reset(self) -> None:
         self.index.reset()

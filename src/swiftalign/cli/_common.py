@@ -54,6 +54,8 @@ def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> N
     handlers.append(rich_handler)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not log_file.exists():
+            _new_logs.append(log_file)
         fh = logging.FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh.setLevel(logging.DEBUG)
@@ -137,12 +139,17 @@ def _jsonable(obj):
     return str(obj)
 
 
-def fail(exc: Exception) -> None:
-    """Print a user error and exit 2 (no traceback)."""
-    import typer
+_new_logs: list[Path] = []
 
+
+def fail(exc: Exception) -> None:
+    """Print a user error, remove the log this run created, and exit 2 (no traceback)."""
     console.print(f"[bold red]error:[/] {exc}")
+    logging.shutdown()
+    for log_file in _new_logs:
+        log_file.unlink(missing_ok=True)
+    _new_logs.clear()
     raise typer.Exit(code=2)
 
 
-USER_ERRORS = (SwiftalignError, FileNotFoundError, ValueError)
+USER_ERRORS = (SwiftalignError, OSError, ValueError)

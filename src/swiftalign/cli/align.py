@@ -100,6 +100,8 @@ def align_command(
     try:
         if output.is_dir():
             raise ValueError(f"-o {output} is a folder; give a STAR file name")
+        if output.resolve() == Path(particles).resolve():
+            raise ValueError(f"-o {output} is the input STAR file; give another name")
         table = read_particles(particles, angpix=angpix)
         ref = read_map(reference, voxel_size_angstrom=reference_angpix)
         table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)

@@ -91,6 +91,9 @@ def refine_command(
     out = continue_dir or output
     if out is None:
         fail(ValueError("give -o OUTDIR (or --continue OUTDIR)"))
+    if continue_dir is not None and not (Path(continue_dir) / "state.json").exists():
+        fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
+                        "(no state.json)"))
     try:
         parse_symmetry(symmetry)
         config = RefineConfig(

@@ -203,6 +203,8 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
         Not a STAR file, no particles, or no pixel size and no ``angpix``.
     """
     path = Path(path)
+    if angpix is not None and not angpix > 0:
+        raise StarFileError(f"--angpix {angpix}: the pixel size must be positive (Å/px)")
     blocks = _read_blocks(path)
     pname = _find_particle_block(path, blocks)
     particles = blocks[pname]
