@@ -38,6 +38,15 @@ def simulate_command(
 
     setup_logging(verbose, quiet)
     try:
+        import math
+
+        if not math.isfinite(snr_db):
+            raise ValueError(f"--snr-db {snr_db}: must be a finite number of dB")
+        if not 0 < defocus_min <= defocus_max:
+            raise ValueError(f"--defocus-min {defocus_min} / --defocus-max {defocus_max}: need "
+                             "0 < min <= max (Å)")
+        if astigmatism_max < 0 or shift_sigma < 0:
+            raise ValueError("--astigmatism-max and --shift-sigma must not be negative")
         ref = read_map(map_path, voxel_size_angstrom=angpix)
         cfg = SimulationConfig(
             n_particles=n_particles, snr_db=snr_db, shift_sigma_px=shift_sigma,

@@ -154,6 +154,10 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
             )
         data = _as_float32(path, mrc)
         vox = float(mrc.voxel_size.x)
+        vy, vz = float(mrc.voxel_size.y), float(mrc.voxel_size.z)
+        if vox > 0 and (abs(vy - vox) > 1e-3 * vox or abs(vz - vox) > 1e-3 * vox):
+            warnings.warn(f"{path}: anisotropic voxel size ({vox:.4g}, {vy:.4g}, {vz:.4g}) Å; "
+                          f"using x ({vox:.4g} Å) for all axes", stacklevel=2)
     if data.ndim != 3:
         raise MrcFileError(f"{path}: expected a 3D map, got shape {data.shape}")
     if voxel_size_angstrom is not None:
