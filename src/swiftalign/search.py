@@ -335,6 +335,12 @@ def _augmented_vectors(
     return normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
 
 
+def _faiss_reason(exc: RuntimeError) -> str:
+    """The last line of a FAISS error (the human-readable reason)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else repr(exc)
+
+
 class TrainedIndex:
     """A trained FAISS index that can be (re)populated from a gallery.
 
@@ -362,10 +368,9 @@ class TrainedIndex:
         try:
             self.index = faiss.index_factory(self.padded_dim, factory, faiss.METRIC_L2)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
             raise ValueError(
                 f"--index {factory!r} is not a valid FAISS factory string for vectors of "
-                f"{self.padded_dim} components ({first})"
+                f"{self.padded_dim} components ({_faiss_reason(exc)})"
             ) from None
         self._configure_training()
         self.device = device
@@ -417,10 +422,9 @@ class TrainedIndex:
         try:
             self.index.train(_pad(vectors, self.padded_dim))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
             raise ValueError(
                 f"--index {self.factory!r} cannot be trained on {vectors.shape[0]} vectors of "
-                f"{self.padded_dim} components ({first})"
+                f"{self.padded_dim} components ({_faiss_reason(exc)})"
             ) from None
 
     def reset(self) -> None:
