@@ -87,6 +87,7 @@ class AlignConfig(BaseModel):
     ctf_group_phase_rad: float = Field(default=math.pi / 4, gt=0)
 
     def symmetry_checked(self) -> str:
+        """The symmetry name, upper case; raises ValueError for an unknown group."""
         parse_symmetry(self.symmetry)
         return self.symmetry.upper()
 

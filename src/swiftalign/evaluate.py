@@ -55,6 +55,7 @@ class PoseErrors:
     angular_step_deg: float | None = None
 
     def summary(self) -> dict:
+        """Median, mean and 90th percentile of each error (see :func:`summarise`)."""
         return summarise(self.angular_error_deg, self.shift_error_angstrom,
                          self.shift_error_px, self.angular_step_deg)
 

@@ -65,6 +65,7 @@ class Disc:
         return 2 * self.n_coeff
 
     def to(self, device: torch.device | str) -> Disc:
+        """The same selection with its tensors on ``device``."""
         return Disc(
             self.box_size,
             self.radius_fftfreq,

@@ -156,7 +156,6 @@ def _plot_fsc(path: Path, fsc, title: str) -> None:
     from swiftalign.io.mrc import atomic_path
 
     n = len(fsc.unmasked)
-    x = np.arange(n) / fsc.resolution_per_shell_angstrom.size / 2
     x = np.arange(n) / (2 * (n - 1)) if n > 1 else np.zeros(1)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, fsc.unmasked, label="unmasked")
