@@ -22,8 +22,7 @@ def main(argv: list[str]) -> int:
         elif name == "b4":
             from benchmarks.b4_roofline import main as run
         elif name == "b3":
-            print("B3 (against RELION 3.1) is not implemented yet: skipped")
-            continue
+            from benchmarks.b3_relion import main as run
         else:
             print(f"unknown benchmark {name!r}; use b1 b2 b3 b4")
             return 2

@@ -35,6 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -80,10 +81,24 @@ class RefineConfig(BaseModel):
     metric: str = "cosine"
     device: str = "cpu"
     max_memory_gb: float = 2.0
+    reconstruction: Literal["gridding", "wiener"] = "gridding"
     regularisation: float = Field(default=0.01, gt=0)
     seed: int = 0
     mask_path: str | None = None
     solvent_mask_path: str | None = None
+
+
+def _counter(progress: Callable[[str, int, int], None] | None, step: str,
+             total: int) -> Callable[[int], None]:
+    """An increment callback feeding ``progress(step, done, total)``."""
+    done = [0]
+
+    def add(m: int) -> None:
+        done[0] += m
+        if progress is not None:
+            progress(step, done[0], total)
+
+    return add
 
 
 def _half_sets(table: ParticleTable, seed: int) -> np.ndarray:
@@ -318,6 +333,8 @@ def run_refinement(
         shift_all = np.zeros((n, reps, 2))
         class_all = np.zeros((n, reps), dtype=int)
         local_pass = it > config.iterations - config.local_passes and it > 1
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
         if local_pass:
             # deterministic: one search per half stands for every repetition
             masked = {k: v * mask if mask is not None else v for k, v in refs.items()}
@@ -357,14 +374,19 @@ def run_refinement(
                         local_resolution_angstrom=t_align,
                         progress=progress,
                     )
+                    for step, sec in res.timings.items():
+                        timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
                     d = res.distance[:, 0]
                     better = d < best_d
                     best_d[better] = d[better]
                     euler_all[rows[better], r] = res.euler_deg[better, 0]
                     shift_all[rows[better], r] = res.shift_yx_px[better, 0]
                     class_all[rows[better], r] = c
+        timings["align"] = time.perf_counter() - t_step
+        t_step = time.perf_counter()
         cons = consensus(euler_all, shift_all, class_all, symmetry_group=group,
                          angle_tolerance_deg=dphi, shift_tolerance_px=ds)
+        timings["consensus"] = time.perf_counter() - t_step
         keep = cons.keep
         shifts_prev = cons.shift_yx_px
         poses_prev = cons.euler_deg
@@ -374,6 +396,7 @@ def run_refinement(
         it_dir.mkdir(exist_ok=True)
         class_stats = []
         half_maps = {}
+        t_step = time.perf_counter()
         for c in range(n_classes):
             for h in (1, 2):
                 sel = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
@@ -382,11 +405,15 @@ def run_refinement(
                         f"iteration {it}: class {c + 1} half {h} kept only {len(sel)} particles"
                     )
                 half_maps[(c, h)] = reconstruct(
-                    images.read(sel), cons.euler_deg[sel], cons.shift_yx_px[sel],
+                    images, cons.euler_deg[sel], cons.shift_yx_px[sel], rows=sel,
                     ctf=ctf.subset(sel) if ctf is not None else None,
                     pixel_size_angstrom=pixel_size, symmetry_group=group,
-                    regularisation=config.regularisation, device=config.device,
+                    method=config.reconstruction, regularisation=config.regularisation,
+                    device=config.device,
+                    progress=_counter(progress, f"reconstruct class {c + 1} half {h}", len(sel)),
                 )
+        timings["reconstruct"] = time.perf_counter() - t_step
+        t_step = time.perf_counter()
         resolutions = []
         for c in range(n_classes):
             h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
@@ -420,6 +447,7 @@ def run_refinement(
                 "resolution_05_angstrom": float(fsc.resolution_05_angstrom),
                 "resolution_unmasked_angstrom": float(fsc.resolution_unmasked_angstrom),
             })
+        timings["fsc_and_maps"] = time.perf_counter() - t_step
         new_res = float(min(resolutions))
         shell_old = box * pixel_size / resolution
         shell_new = box * pixel_size / new_res
@@ -440,7 +468,14 @@ def run_refinement(
             "rlnSwiftalignShiftSpread": cons.shift_spread_px,
             "rlnSwiftalignKept": keep.astype(int),
         }
-        write_particles(it_dir / "particles.star", table, box_size=box, updates=updates)
+        # particles.star holds exactly the particles in this iteration's maps, so that
+        # relion_reconstruct on it reproduces them; the rejected ones (back in the next
+        # iteration) keep their consensus poses and spreads in particles_rejected.star.
+        write_particles(it_dir / "particles.star", table, box_size=box, updates=updates,
+                        keep=keep)
+        if (~keep).any():
+            write_particles(it_dir / "particles_rejected.star", table, box_size=box,
+                            updates=updates, keep=~keep)
         np.save(it_dir / "shifts.npy", shifts_prev)
         np.save(it_dir / "poses.npy", poses_prev)
         np.save(it_dir / "classes.npy", classes_prev)
@@ -457,6 +492,7 @@ def run_refinement(
             "stalled": bool(is_stalled),
             "local_pass": bool(local_pass),
             "seconds": time.perf_counter() - t_it,
+            "timings_seconds": timings,
         }
         history.append(entry)
         log.info("iteration %d: %.2f Å (FSC %.3f), %d kept, %d rejected, %.0f s", it, new_res,

@@ -71,6 +71,9 @@ def refine_command(
         help="Solvent mask for the FSC (default: automatic).")] = None,
     ctf_mode: Annotated[str, typer.Option(help="wiener, reference or none.")] = "wiener",
     index: Annotated[str, typer.Option(help="FAISS factory string or auto.")] = "auto",
+    reconstruction: Annotated[str, typer.Option(
+        help="Half-map weighting: gridding (iterative density compensation, as "
+             "relion_reconstruct) or wiener (Σ CTF·F / (Σ CTF² + λ)).")] = "gridding",
     device: DeviceOption = "cpu",
     max_memory: MaxMemoryOption = 2.0,
     angpix: AngpixOption = None,
@@ -103,7 +106,7 @@ def refine_command(
             low_resolution_join_angstrom=low_resolution_join, local_passes=local_passes,
             local_angle_deg=local_angle, local_shift_px=local_shift, max_shift_px=max_shift,
             max_shift_later_px=max_shift_later, ctf_mode=ctf_mode, index=index, device=device,
-            max_memory_gb=max_memory, seed=seed,
+            max_memory_gb=max_memory, seed=seed, reconstruction=reconstruction,
             mask_path=str(mask) if mask else None,
             solvent_mask_path=str(solvent_mask) if solvent_mask else None,
         )
