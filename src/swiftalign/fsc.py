@@ -24,6 +24,9 @@ __all__ = [
     "auto_solvent_mask",
     "FscResult",
     "gold_standard_fsc",
+    "solvent_mask_fraction",
+    "guinier_log_amplitudes",
+    "write_fsc_star",
 ]
 
 
@@ -194,3 +197,131 @@ def gold_standard_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
         randomised_from_shell=start,
         threshold=threshold,
     )
+
+
+def solvent_mask_fraction(mask: np.ndarray) -> float:
+    """RELION's ``rlnParticleBoxFractionSolventMask``: ``0.476 / (fraction of voxels > 0.5)``.
+
+    The factor ``f`` of the particle-mask-fraction FSC ``f·FSC / (1 + (f − 1)·FSC)``
+    (RELION 3.1 ``relion_postprocess``).
+    """
+    inside = float(np.mean(np.asarray(mask) > 0.5))
+    return 0.476 / inside if inside > 0 else 0.0
+
+
+def guinier_log_amplitudes(volume: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """ln of the mean Fourier amplitude per shell, as in RELION's Guinier plot.
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        `(N, N, N)` map; transformed with a ``1/N³`` normalisation (as RELION).
+    weights : np.ndarray, optional
+        `(N // 2 + 1,)` weight per shell applied to the amplitudes first.
+
+    Returns
+    -------
+    np.ndarray
+        `(N // 2 + 1,)` values; ``-99`` where the mean amplitude is 0 (RELION's marker).
+    """
+    n = volume.shape[0]
+    amp = np.abs(np.fft.rfftn(volume)) / n**3
+    shell = np.round(_radius_fftfreq(n) * n).astype(int)
+    n_shells = n // 2 + 1
+    inside = shell < n_shells
+    if weights is not None:
+        amp = amp * np.asarray(weights, dtype=np.float64)[np.minimum(shell, n_shells - 1)]
+    total = np.bincount(shell[inside], amp[inside], minlength=n_shells)
+    count = np.bincount(shell[inside], minlength=n_shells)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(total / np.maximum(count, 1))
+    return np.where(total > 0, out, -99.0)
+
+
+def write_fsc_star(
+    path,
+    fsc: FscResult,
+    pixel_size_angstrom: float,
+    *,
+    average_map: np.ndarray,
+    mask: np.ndarray,
+    half_map_names: tuple[str, str] = ("half1.mrc", "half2.mrc"),
+    mask_name: str = "auto",
+) -> None:
+    """Write the FSC as a RELION 3.1 ``relion_postprocess`` STAR file (atomically).
+
+    Blocks and columns follow ``relion_postprocess`` (without sharpening):
+    ``general`` (rlnFinalResolution, rlnBfactorUsedForSharpening,
+    rlnUnfilteredMapHalf1/2, rlnParticleBoxFractionSolventMask, rlnMaskName,
+    rlnRandomiseFrom), ``fsc`` (rlnSpectralIndex, rlnResolution (1/Å),
+    rlnAngstromResolution, the corrected, particle-mask-fraction, unmasked,
+    masked and phase-randomised FSCs) and ``guinier`` (rlnResolutionSquared
+    (1/Å²), rlnLogAmplitudesOriginal, rlnLogAmplitudesWeighted: after the
+    ``sqrt(2·FSC/(1 + FSC))`` weighting).
+
+    Parameters
+    ----------
+    path : str or Path
+    fsc : FscResult
+    pixel_size_angstrom : float
+    average_map : np.ndarray
+        `(N, N, N)` unfiltered average of the half maps (for the Guinier block).
+    mask : np.ndarray
+        `(N, N, N)` solvent mask used for the masked FSC.
+    half_map_names, mask_name : str
+        Names written in the ``general`` block.
+    """
+    import os
+    from pathlib import Path
+
+    import pandas as pd
+    import starfile
+
+    from swiftalign.io.mrc import atomic_path
+
+    path = Path(path)
+    n_shells = len(fsc.unmasked)
+    box = average_map.shape[0]
+    shells = np.arange(n_shells)
+    angstrom = np.where(shells > 0, box * pixel_size_angstrom / np.maximum(shells, 1), 999.0)
+    frac = solvent_mask_fraction(mask)
+    corrected = np.asarray(fsc.corrected, dtype=np.float64)
+    denom = 1 + (frac - 1) * corrected
+    part = frac * corrected / np.where(np.abs(denom) > 1e-12, denom, np.inf)
+    table = pd.DataFrame({
+        "rlnSpectralIndex": shells,
+        "rlnResolution": 1.0 / angstrom,
+        "rlnAngstromResolution": angstrom,
+        "rlnFourierShellCorrelationCorrected": corrected,
+        "rlnFourierShellCorrelationParticleMaskFraction": part,
+        "rlnFourierShellCorrelationUnmaskedMaps": fsc.unmasked,
+        "rlnFourierShellCorrelationMaskedMaps": fsc.masked,
+        "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": fsc.randomised,
+    })
+    # FSC weighting as relion_postprocess: zero from the first shell where FSC < 1e-4
+    below = np.nonzero(corrected < 1e-4)[0]
+    last = int(below[0]) - 1 if len(below) else n_shells - 1
+    weight = np.where(corrected > 0, np.sqrt(2 * np.clip(corrected, 0, None) / (1 + corrected)), 0.0)
+    weight[shells > last] = 0.0
+    until_nyquist = angstrom >= 2 * pixel_size_angstrom - 1e-9
+    guinier = pd.DataFrame({
+        "rlnResolutionSquared": np.where(shells > 0, 1.0 / angstrom**2, 0.0)[until_nyquist],
+        "rlnLogAmplitudesOriginal": guinier_log_amplitudes(average_map)[until_nyquist],
+        "rlnLogAmplitudesWeighted": guinier_log_amplitudes(average_map, weight)[until_nyquist],
+    })
+    general = {
+        "rlnFinalResolution": float(fsc.resolution_angstrom),
+        "rlnBfactorUsedForSharpening": 0.0,
+        "rlnUnfilteredMapHalf1": half_map_names[0],
+        "rlnUnfilteredMapHalf2": half_map_names[1],
+        "rlnParticleBoxFractionSolventMask": frac,
+        "rlnMaskName": mask_name,
+        "rlnRandomiseFrom": float(box * pixel_size_angstrom / max(fsc.randomised_from_shell, 1)),
+    }
+    tmp = atomic_path(path)
+    try:
+        starfile.write({"general": general, "fsc": table, "guinier": guinier}, tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -38,17 +38,22 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from swiftalign.alignment import AlignConfig, align_particles, check_inputs, ctf_params_from_table
 from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
-from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass
+from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
 from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
+from swiftalign.plots import (
+    angular_distribution_figure,
+    fsc_figure_from_result,
+    refinement_summary_figure,
+    save_figure,
+)
 from swiftalign.reconstruction import reconstruct
 from swiftalign.sampling import angular_step_deg, shift_step_px
 from swiftalign.symmetry import symmetry_matrices
@@ -129,66 +134,6 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
     fa[low], fb[low] = avg[low], avg[low]
     return (np.fft.irfftn(fa, s=a.shape, axes=(0, 1, 2)).astype(np.float32),
             np.fft.irfftn(fb, s=b.shape, axes=(0, 1, 2)).astype(np.float32))
-
-
-def _write_fsc_star(path: Path, fsc, pixel_size: float, box: int) -> None:
-    import starfile
-
-    from swiftalign.io.mrc import atomic_path
-
-    shells = np.arange(len(fsc.unmasked))
-    table = pd.DataFrame({
-        "rlnSpectralIndex": shells,
-        "rlnResolution": shells / (box * pixel_size),
-        "rlnAngstromResolution": np.where(shells > 0, box * pixel_size / np.maximum(shells, 1),
-                                          999.0),
-        "rlnFourierShellCorrelationCorrected": fsc.corrected,
-        "rlnFourierShellCorrelationUnmaskedMaps": fsc.unmasked,
-        "rlnFourierShellCorrelationMaskedMaps": fsc.masked,
-        "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": fsc.randomised,
-    })
-    general = {
-        "rlnFinalResolution": fsc.resolution_angstrom,
-        "rlnUnfilteredMapHalf1": "half1.mrc",
-        "rlnUnfilteredMapHalf2": "half2.mrc",
-        "rlnRandomiseFrom": float(box * pixel_size / max(fsc.randomised_from_shell, 1)),
-    }
-    tmp = atomic_path(path)
-    try:
-        starfile.write({"general": general, "fsc": table}, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _plot_fsc(path: Path, fsc, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from swiftalign.io.mrc import atomic_path
-
-    n = len(fsc.unmasked)
-    x = np.arange(n) / (2 * (n - 1)) if n > 1 else np.zeros(1)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, fsc.unmasked, label="unmasked")
-    ax.plot(x, fsc.masked, label="masked")
-    ax.plot(x, fsc.randomised, label="phase-randomised (masked)", ls=":")
-    ax.plot(x, fsc.corrected, label="corrected", lw=2)
-    for thr in (0.143, 0.5):
-        ax.axhline(thr, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("spatial frequency (cycles/px)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.1, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = atomic_path(path.with_suffix(".tmp.png"))
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
@@ -428,9 +373,12 @@ def run_refinement(
             write_map(it_dir / f"{prefix}half2.mrc", h2, pixel_size)
             write_map(it_dir / f"{prefix}map_unfiltered.mrc", avg, pixel_size)
             write_map(it_dir / f"{prefix}map.mrc", lowpass(avg, res_c, pixel_size), pixel_size)
-            _write_fsc_star(it_dir / f"{prefix}fsc.star", fsc, pixel_size, box)
-            _plot_fsc(it_dir / f"{prefix}fsc.png", fsc,
-                      f"iteration {it}, class {c + 1}: {fsc.resolution_angstrom:.2f} Å")
+            write_fsc_star(it_dir / f"{prefix}fsc.star", fsc, pixel_size, average_map=avg, mask=smask,
+                           half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
+                           mask_name=config.solvent_mask_path or "auto")
+            save_figure(fsc_figure_from_result(
+                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_angstrom:.2f} Å"),
+                it_dir / f"{prefix}fsc.png")
             n1 = half_maps[(c, 1)]
             n2 = half_maps[(c, 2)]
             if config.low_resolution_join_angstrom > 0:
@@ -476,6 +424,9 @@ def run_refinement(
         if (~keep).any():
             write_particles(it_dir / "particles_rejected.star", table, box_size=box,
                             updates=updates, keep=~keep)
+        save_figure(angular_distribution_figure(
+            cons.euler_deg[keep, 0], cons.euler_deg[keep, 1],
+            title=f"iteration {it}: kept particles"), it_dir / "angdist.png")
         np.save(it_dir / "shifts.npy", shifts_prev)
         np.save(it_dir / "poses.npy", poses_prev)
         np.save(it_dir / "classes.npy", classes_prev)
@@ -492,9 +443,14 @@ def run_refinement(
             "stalled": bool(is_stalled),
             "local_pass": bool(local_pass),
             "seconds": time.perf_counter() - t_it,
-            "timings_seconds": timings,
+            "timings_s": {"alignment": timings["align"] + timings["consensus"],
+                          "reconstruction": timings["reconstruct"],
+                          "fsc_and_output": time.perf_counter() - t_step, **timings},
         }
         history.append(entry)
+        save_figure(refinement_summary_figure(history), out / "summary.png")
+        if progress is not None:
+            progress("iterations", it, config.iterations)
         log.info("iteration %d: %.2f Å (FSC %.3f), %d kept, %d rejected, %.0f s", it, new_res,
                  config.fsc_threshold, entry["kept"], entry["rejected"], entry["seconds"])
         run = {**(record or {}), "parameters": config.model_dump(), "iteration": entry,

@@ -46,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PAD = 64
+_QUERY_BLOCK = 16384  # particles per FAISS query block
 
 
 @dataclass
@@ -522,12 +523,13 @@ def search_gallery(
     budget = settings.max_memory_bytes
 
     def report(step: str):
+        # counted in reference poses (images × shifts): the bars show poses/s
         done = [0]
 
         def cb(m: int) -> None:
             done[0] += m
             if progress is not None:
-                progress(step, done[0], gallery.n_images)
+                progress(step, done[0] * gallery.n_shifts, gallery.n_poses)
 
         return cb
 
@@ -552,7 +554,11 @@ def search_gallery(
     )
     t0 = time.perf_counter()
     train = _augmented_vectors(gallery, n_train, rng, ctf_disc_pool)
+    if progress is not None:
+        progress("train index", 0, len(train))
     index.train(train)
+    if progress is not None:
+        progress("train index", len(train), len(train))
     del train
     timings["train"] = time.perf_counter() - t0
 
@@ -560,6 +566,7 @@ def search_gallery(
     step = _block_images(gallery, budget, 0)
     nprobe_used = None
     recall = None
+    queried = 0
     for gi, (rows, ctf_disc) in enumerate(groups):
         t0 = time.perf_counter()
         index.reset()
@@ -601,9 +608,14 @@ def search_gallery(
                 index.set_nprobe(nprobe_used)
             timings["tune"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, cand = index.search(queries[rows], n_cand)
-        d, i = rescore(gallery, queries[rows], cand, k, ctf_disc=ctf_disc, budget=budget)
-        out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
+        for start in range(0, len(rows), _QUERY_BLOCK):  # blocks: progress, bounded memory
+            sub = rows[start : start + _QUERY_BLOCK]
+            _, cand = index.search(queries[sub], n_cand)
+            d, i = rescore(gallery, queries[sub], cand, k, ctf_disc=ctf_disc, budget=budget)
+            out_d[sub], out_i[sub] = d.cpu().numpy(), i.cpu().numpy()
+            queried += len(sub)
+            if progress is not None:
+                progress("query index", queried, n)
         timings["query"] += time.perf_counter() - t0
     return SearchResult(
         out_d, out_i, timings, nprobe_used, recall,

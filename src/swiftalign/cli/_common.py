@@ -19,10 +19,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 import swiftalign
 from swiftalign.errors import SwiftalignError
@@ -30,8 +33,9 @@ from swiftalign.errors import SwiftalignError
 console = Console(stderr=True)
 
 # Options shared by the commands (one definition, one help text).
-DeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
-MaxMemoryOption = Annotated[float, typer.Option(help="Memory budget for blocks (GB).")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (GPU N).")]
+MaxMemoryOption = Annotated[float, typer.Option(
+    help="Memory budget (GB) for the blocks of reference projections searched at once.")]
 AngpixOption = Annotated[float | None, typer.Option(
     help="Particle pixel size (Å) when the STAR file has none.")]
 ReferenceAngpixOption = Annotated[float | None, typer.Option(
@@ -39,8 +43,37 @@ ReferenceAngpixOption = Annotated[float | None, typer.Option(
 MaxBadFractionOption = Annotated[float, typer.Option(
     help="Unusable particles (NaN/Inf pixels, constant images) are left out with a "
     "warning; stop if more than this fraction.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="Only errors: no progress bars, no summary (the log file keeps "
+    "everything).")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")]
+
+# Unit of each progress step's count (the bars show its rate per second).
+STEP_UNITS = {
+    "particles": "particles",
+    "projections": "directions",
+    "train index": "vectors",
+    "populate index": "poses",
+    "search (exact)": "poses",
+    "query index": "particles",
+    "local search": "particle rounds",
+    "reconstruction": "particles",
+    "iterations": "iterations",
+}
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, with the step's unit (``1.2k particles/s``)."""
+
+    def render(self, task: Task) -> Text:
+        """Text of the task's current (or final) rate."""
+        unit = task.fields.get("unit", "items")
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        factor, prefix = next(((f, p) for f, p in ((1e9, "G"), (1e6, "M"), (1e3, "k"))
+                               if speed >= f), (1.0, ""))
+        return Text(f"{speed / factor:.1f}{prefix} {unit}/s", style="progress.data.speed")
 
 
 def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
@@ -69,7 +102,11 @@ def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> N
 
 @contextmanager
 def progress_bars(quiet: bool):
-    """Yield ``progress(step, done, total)``; rich bars on a TTY unless quiet."""
+    """Yield ``progress(step, done, total)``: rich bars with rates on a TTY, else ``None``.
+
+    ``None`` (no bars) under ``--quiet`` or when stderr is not a terminal
+    (batch jobs, pipes), so logs stay free of bar redraws.
+    """
     enabled = not quiet and console.is_terminal
     if not enabled:
         yield None
@@ -78,6 +115,7 @@ def progress_bars(quiet: bool):
         TextColumn("{task.description:<18}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -88,28 +126,54 @@ def progress_bars(quiet: bool):
 
         def update(step: str, done: int, total: int) -> None:
             if step not in tasks:
-                tasks[step] = bars.add_task(step, total=total)
-            bars.update(tasks[step], completed=done, total=total)
+                tasks[step] = bars.add_task(step, total=total, unit=STEP_UNITS.get(step, "items"))
+            task_id = tasks[step]
+            if done < bars.tasks[task_id].completed:
+                # the step starts again (next half set, class or iteration): fresh rate
+                bars.reset(task_id, total=total, completed=done)
+            else:
+                bars.update(task_id, completed=done, total=total)
 
         yield update
 
 
-def run_record(**fields) -> dict:
-    """Version, command line, machine and time for ``run.json``."""
+def machine_record(device: str | None = None) -> dict:
+    """Host, platform, CPU count, library versions and the compute device, for ``run.json``."""
+    import faiss
+    import numpy
     import torch
 
+    cuda = torch.cuda.is_available()
+    dev = device or "cpu"
+    if dev.startswith("cuda") and not cuda:
+        dev = "cpu (cuda asked for, not available)"
+    elif dev.startswith("cuda"):
+        index = int(dev.split(":")[1]) if ":" in dev else torch.cuda.current_device()
+        dev = f"{dev} ({torch.cuda.get_device_name(index)})"
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "faiss": getattr(faiss, "__version__", "unknown"),
+        "numpy": numpy.__version__,
+        "cuda": cuda,
+        "device": dev,
+    }
+
+
+def run_record(*, device: str | None = None, **fields) -> dict:
+    """Version, command line, machine (with ``device``) and start time for ``run.json``.
+
+    ``fields`` (parameters, inputs, outputs, seeds, timings …) are added as they are.
+    """
     return {
         "swiftalign_version": swiftalign.__version__,
         "command_line": sys.argv,
         "cwd": os.getcwd(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.is_available(),
-        },
+        "machine": machine_record(device),
         **fields,
     }
 

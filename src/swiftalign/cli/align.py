@@ -2,7 +2,10 @@
 
 Sampling follows the resolution limit (thesis eq. 4.20–4.21) unless the steps
 are given. Writes a RELION 3.1 STAR file keeping every input column, with
-rlnAngleRot/Tilt/Psi (°), rlnOriginXAngst/YAngst (Å) and rlnSwiftalignScore.
+rlnAngleRot/Tilt/Psi (°), rlnOriginXAngst/YAngst (Å) and rlnSwiftalignScore;
+next to it OUTPUT.log, OUTPUT_run.json (parameters, versions, machine, timings)
+and OUTPUT_angdist.png (viewing directions). `swiftalign report FOLDER` makes an
+HTML report of the folder.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def align_command(
     resolution: Annotated[float, typer.Option(help="Resolution limit Tmax (Å): sets the "
                                               "comparison disc and the sampling.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output STAR file.")],
-    symmetry: Annotated[str, typer.Option(help="Point group: C1, Cn, Dn, T, O, I.")] = "C1",
+    symmetry: Annotated[str, typer.Option(
+        help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
     angular_step: Annotated[float | None, typer.Option(
         help="Angular step ΔΦ (°); default asin(Tmax/(N·Ts)).")] = None,
     psi_step: Annotated[float | None, typer.Option(help="In-plane step (°); default ΔΦ.")] = None,
@@ -53,14 +57,16 @@ def align_command(
         "OPQ32_128,IVF1024,PQ32 …), auto (exact up to 200k poses, else IVF-PQ) or "
         "ivfpq (IVF-PQ sized for the reference set).")] = "auto",
     nprobe: Annotated[int | None, typer.Option(
-        help="IVF lists visited; default tuned to --target-recall.")] = None,
+        help="IVF lists visited per particle; default tuned to --target-recall.")] = None,
     target_recall: Annotated[float, typer.Option(
-        help="Recall of the exact nearest neighbour the tuned nprobe must reach.")] = 0.95,
+        help="Recall (fraction, 0–1) of the exact nearest neighbour the tuned nprobe must "
+        "reach.")] = 0.95,
     rerank: Annotated[int, typer.Option(
         help="Index candidates re-scored exactly (compressed indexes).")] = 100,
     ctf_candidates: Annotated[int, typer.Option(
         help="Candidates re-scored with each particle's own CTF.")] = 20,
-    metric: Annotated[str, typer.Option(help="l2, cosine or pearson.")] = "cosine",
+    metric: Annotated[str, typer.Option(
+        help="Distance between particle and reference vectors: l2, cosine or pearson.")] = "cosine",
     k: Annotated[int, typer.Option("-k", help="Best matches per particle (k > 1 also writes "
                                    "OUTPUT_topK.star).")] = 1,
     local_rounds: Annotated[int, typer.Option(
@@ -134,12 +140,24 @@ def align_command(
                             box_size=result.box_size, updates=topk)
     except USER_ERRORS as exc:
         fail(exc)
+    angdist = output.with_name(output.stem + "_angdist.png")
+    try:
+        from swiftalign.plots import angular_distribution_figure, save_figure
+
+        save_figure(angular_distribution_figure(
+            result.euler_deg[:, 0, 0], result.euler_deg[:, 0, 1],
+            title=f"{output.name}: assigned orientations"), angdist)
+    except OSError as exc:
+        fail(exc)
     wall = time.perf_counter() - t_start
     s = result.sampling
     record = run_record(
         command="align",
+        device=device,
         parameters=config.model_dump(),
         inputs={"particles": str(particles), "reference": str(reference)},
+        outputs={"particles": str(output.resolve()), "angular_distribution": str(angdist),
+                 "log": str(output.with_name(output.stem + ".log"))},
         sampling=vars(s),
         index={"nprobe": result.search.nprobe, "recall": result.search.recall,
                "bytes_per_pose": result.search.bytes_per_pose},

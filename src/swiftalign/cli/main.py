@@ -1,15 +1,18 @@
-"""``swiftalign``: fast cryo-EM particle alignment (simulate, align, evaluate)."""
+"""``swiftalign``: fast cryo-EM particle alignment (simulate, align, evaluate, refine, report)."""
 
 from __future__ import annotations
 
 import typer
 
-from swiftalign.cli import align, evaluate, refine, simulate
+from swiftalign.cli import align, evaluate, refine, report, simulate
 
 app = typer.Typer(
     name="swiftalign",
     help="Fast cryo-EM particle alignment by nearest-neighbour search over compressed "
-    "Fourier-coefficient vectors (RELION STAR + MRC in and out).",
+    "Fourier-coefficient vectors, and gold-standard 3D refinement (RELION STAR + MRC in and "
+    "out). Conventions: RELION ZYZ Euler angles (°), origins rlnOriginX/YAngst (Å), pixel "
+    "sizes (Å/px), defocus (Å, underfocus positive). Each command writes a log and a run.json "
+    "(parameters, versions, machine, timings) next to its outputs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -18,7 +21,7 @@ app.command("simulate", help=simulate.__doc__)(simulate.simulate_command)
 app.command("align", help=align.__doc__)(align.align_command)
 app.command("evaluate", help=evaluate.__doc__)(evaluate.evaluate_command)
 app.command("refine", help=refine.__doc__)(refine.refine_command)
-app.command("refine", help=refine.__doc__)(refine.refine_command)
+app.command("report", help=report.__doc__)(report.report_command)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ R differently perturbed galleries, keeps particles whose alignments agree,
 reconstructs the half maps, measures the (masked, phase-randomisation
 corrected) FSC and low-passes the next references to its resolution.
 Writes OUTDIR/itNNN/ and OUTDIR/final/: particles.star, half1.mrc, half2.mrc,
-map.mrc, map_unfiltered.mrc, fsc.star, fsc.png, run.json.
+map.mrc, map_unfiltered.mrc, fsc.star (as relion_postprocess), fsc.png,
+angdist.png, run.json; OUTDIR/summary.png (resolution and kept fraction per
+iteration), OUTDIR/run.log. `swiftalign report OUTDIR` makes an HTML report.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from swiftalign.cli._common import (
 
 
 def refine_command(
-    particles: Annotated[Path, typer.Argument(help="Particle STAR file.")],
+    particles: Annotated[Path, typer.Argument(
+        help="Particle STAR file (RELION 3.0 or 3.1+); its rlnRandomSubset (1/2), when present, "
+        "fixes the half sets.")],
     reference: Annotated[list[Path], typer.Option(
         "--reference", "-r", help="Initial reference map(s) (.mrc); one per class.")],
     initial_resolution: Annotated[float, typer.Option(
@@ -43,8 +47,11 @@ def refine_command(
     continue_dir: Annotated[Path | None, typer.Option(
         "--continue", help="Resume the run in this folder after its last completed "
         "iteration.")] = None,
-    symmetry: Annotated[str, typer.Option(help="Point group: C1, Cn, Dn, T, O, I.")] = "C1",
-    iterations: Annotated[int, typer.Option(help="Maximum iterations.")] = 8,
+    symmetry: Annotated[str, typer.Option(
+        help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
+    iterations: Annotated[int, typer.Option(
+        help="Maximum iterations (stops earlier after two iterations gaining less than one "
+        "Fourier shell).")] = 8,
     repetitions: Annotated[int, typer.Option(
         help="Alignments per particle per iteration (differently perturbed galleries).")] = 3,
     max_resolution: Annotated[float, typer.Option(
@@ -52,25 +59,32 @@ def refine_command(
     global_resolution: Annotated[float, typer.Option(
         help="Finest resolution (Å) at which the global search is sampled; the local search "
         "refines below it.")] = 20.0,
-    fsc_threshold: Annotated[float, typer.Option(help="FSC threshold for the resolution.")]
-    = 0.143,
+    fsc_threshold: Annotated[float, typer.Option(
+        help="Corrected-FSC value (0–1) whose crossing gives the resolution (Å).")] = 0.143,
     low_resolution_join: Annotated[float, typer.Option(
         help="Average the half maps below this resolution (Å) for the next references "
         "(0: never).")] = 40.0,
     local_passes: Annotated[int, typer.Option(
         help="Final iterations that only search locally around the current poses.")] = 0,
-    local_angle: Annotated[float, typer.Option(help="Local search range (°).")] = 5.0,
-    local_shift: Annotated[float, typer.Option(help="Local search range (px).")] = 2.0,
+    local_angle: Annotated[float, typer.Option(
+        help="Angular range (°) of the --local-passes search.")] = 5.0,
+    local_shift: Annotated[float, typer.Option(
+        help="Shift range (px) of the --local-passes search.")] = 2.0,
     max_shift: Annotated[float, typer.Option(help="Shift range in the first iteration (px).")]
     = 8.0,
     max_shift_later: Annotated[float, typer.Option(
         help="Shift range around the previous shift in later iterations (px).")] = 3.0,
     mask: Annotated[Path | None, typer.Option(
-        help="Mask applied to the references before projection (focused refinement).")] = None,
+        help="Mask (.mrc, values 0–1, same box) applied to the references before projection "
+        "(focused refinement).")] = None,
     solvent_mask: Annotated[Path | None, typer.Option(
-        help="Solvent mask for the FSC (default: automatic).")] = None,
-    ctf_mode: Annotated[str, typer.Option(help="wiener, reference or none.")] = "wiener",
-    index: Annotated[str, typer.Option(help="FAISS factory string or auto.")] = "auto",
+        help="Solvent mask (.mrc, values 0–1, same box) for the masked FSC (default: made "
+        "from each iteration's average map).")] = None,
+    ctf_mode: Annotated[str, typer.Option(
+        help="wiener: Wiener-corrected particles vs clean references; reference: CTF groups "
+        "applied to references; none: no CTF.")] = "wiener",
+    index: Annotated[str, typer.Option(
+        help="FAISS factory string (see align --index) or auto.")] = "auto",
     reconstruction: Annotated[str, typer.Option(
         help="Half-map weighting: gridding (iterative density compensation, as "
              "relion_reconstruct) or wiener (Σ CTF·F / (Σ CTF² + λ)).")] = "gridding",
@@ -124,8 +138,9 @@ def refine_command(
         fail(exc)
     setup_logging(verbose, quiet, Path(out) / "run.log")
     try:
-        record = run_record(command="refine", inputs={"particles": str(particles),
-                                                      "references": [str(r) for r in reference]})
+        record = run_record(command="refine", device=device,
+                            inputs={"particles": str(particles),
+                                    "references": [str(r) for r in reference]})
         with progress_bars(quiet) as progress:
             result = run_refinement(table, images, refs, out, config,
                                     resume=continue_dir is not None, progress=progress,

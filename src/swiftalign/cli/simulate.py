@@ -1,13 +1,27 @@
-"""Simulate a particle dataset with ground truth from a map (writes particles.mrcs + particles.star)."""
+"""Simulate a particle dataset with ground truth from a map.
+
+Writes OUTPUT/particles.mrcs, OUTPUT/particles.star (true poses, CTF),
+OUTPUT/simulate.log and OUTPUT/run.json (parameters, seed, versions, machine, timings).
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from swiftalign.cli._common import USER_ERRORS, console, fail, run_record, setup_logging, write_json
+from swiftalign.cli._common import (
+    USER_ERRORS,
+    QuietOption,
+    VerboseOption,
+    console,
+    fail,
+    run_record,
+    setup_logging,
+    write_json,
+)
 
 
 def simulate_command(
@@ -28,15 +42,16 @@ def simulate_command(
     amplitude_contrast: Annotated[float, typer.Option(help="Amplitude contrast (fraction).")] = 0.1,
     no_ctf: Annotated[bool, typer.Option("--no-ctf", help="Do not apply a CTF.")] = False,
     angpix: Annotated[float | None, typer.Option(help="Map voxel size (Å) when the header "
-                                                 "says 0.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output.")] = False,
+                                                 "says 0; also the particles' pixel size.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (poses, shifts, defocus, noise).")] = 0,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     from swiftalign.io.mrc import read_map
     from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
 
-    setup_logging(verbose, quiet)
+    t0 = time.perf_counter()
+    setup_logging(verbose, quiet, Path(output) / "simulate.log")
     try:
         import math
 
@@ -64,7 +79,8 @@ def simulate_command(
                              config=cfg)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(Path(output) / "run.json", run_record(command="simulate", parameters=vars(cfg),
-                                                      map=str(map_path)))
+    write_json(Path(output) / "run.json", run_record(
+        command="simulate", parameters=vars(cfg), inputs={"map": str(map_path)},
+        outputs={"particles": str(star)}, timings_s={"wall": time.perf_counter() - t0}))
     if not quiet:
         console.print(f"wrote {len(images)} particles to {star}")

@@ -19,6 +19,7 @@ Rules
 
 from __future__ import annotations
 
+import functools
 import io as _io
 import os
 import re
@@ -312,10 +313,24 @@ def parse_image_name(name: str, star_dir: Path) -> tuple[int, Path]:
     m = _IMAGE_NAME.match(name)
     if not m or int(m.group(1)) < 1:
         raise StarFileError(f"rlnImageName {name!r} is not of the form N@stack.mrcs (N >= 1)")
-    p = Path(m.group(2))
-    if not p.is_absolute():
-        p = star_dir / p
-    return int(m.group(1)) - 1, p
+    return int(m.group(1)) - 1, _resolve_stack(m.group(2), str(star_dir), os.getcwd())
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_stack(stack: str, star_dir: str, cwd: str) -> Path:
+    """A relative stack path, from the STAR file's folder when it exists there; else, as RELION
+    writes them (relative to the project folder), from the working directory or a folder above
+    the STAR file (e.g. ``Refine3D/job010/run_data.star`` naming ``Extract/job005/…``)."""
+    p = Path(stack)
+    if p.is_absolute():
+        return p
+    first = Path(star_dir) / p
+    if first.exists():
+        return first
+    for base in (Path(cwd), *Path(star_dir).resolve().parents):
+        if (base / p).exists():
+            return base / p
+    return first
 
 
 def _optics_for_output(table: ParticleTable, box_size: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -371,7 +386,7 @@ def _rebase_image_names(names: pd.Series, source_dir: Path, target_dir: Path) ->
             return name
         stack = m.group(2)
         if stack not in cache:
-            cache[stack] = os.path.relpath(src / stack, dst)
+            cache[stack] = os.path.relpath(_resolve_stack(stack, str(src), os.getcwd()), dst)
         return f"{m.group(1)}@{cache[stack]}"
 
     return names.map(rebase)
