@@ -49,11 +49,18 @@ def _shift_ramp(box: int, shifts_yx_px: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.ones_like(phase), phase)
 
 
-def _frequency_zyx(padded: int, device) -> torch.Tensor:
-    """`(P, P, P//2+1, 3)` integer frequencies (z, y, x) of the fftshifted rfft grid."""
+def _frequency_zyx(padded: int, device, z: slice = slice(None)) -> torch.Tensor:
+    """`(p, P, P//2+1, 3)` integer frequencies (z, y, x) of planes ``z`` of the fftshifted rfft grid."""
     k = torch.arange(padded, device=device, dtype=torch.float32) - padded // 2
     kx = torch.arange(padded // 2 + 1, device=device, dtype=torch.float32)
-    return torch.stack(torch.meshgrid(k, k, kx, indexing="ij"), dim=-1)
+    return torch.stack(torch.meshgrid(k[z], k, kx, indexing="ij"), dim=-1)
+
+
+def _radius2(padded: int, device) -> torch.Tensor:
+    """`(P, P, P//2+1)` squared frequency radius (voxels) of the fftshifted rfft grid."""
+    k2 = (torch.arange(padded, device=device, dtype=torch.float32) - padded // 2) ** 2
+    kx2 = torch.arange(padded // 2 + 1, device=device, dtype=torch.float32) ** 2
+    return k2[:, None, None] + k2[None, :, None] + kx2[None, None, :]
 
 
 def symmetrise(accumulators: torch.Tensor, group: np.ndarray, *, max_radius: float,
@@ -81,13 +88,11 @@ def symmetrise(accumulators: torch.Tensor, group: np.ndarray, *, max_radius: flo
 
     c, padded = accumulators.shape[0], accumulators.shape[1]
     device = accumulators.device
-    zyx_all = _frequency_zyx(padded, device)
     out = torch.zeros_like(accumulators)
     mats = torch.as_tensor(np.asarray(group), dtype=torch.float32, device=device).flip(-1, -2)
-    inside_all = (zyx_all ** 2).sum(-1) <= max_radius ** 2
     for z0 in range(0, padded, slab):
-        zyx = zyx_all[z0:z0 + slab]
-        inside = inside_all[z0:z0 + slab]
+        zyx = _frequency_zyx(padded, device, slice(z0, z0 + slab))
+        inside = (zyx**2).sum(-1) <= max_radius**2
         pts = zyx[inside]  # (m, 3)
         if pts.shape[0] == 0:
             continue
@@ -129,21 +134,24 @@ def _iterative_gridding_weight(weight: torch.Tensor, *, max_radius: float, itera
     inverse weights on the same grid (zero beyond ``max_radius``).
     """
     padded = weight.shape[0]
-    zyx = _frequency_zyx(padded, weight.device)
-    inside = (zyx ** 2).sum(-1) < max_radius ** 2
+    inside = _radius2(padded, weight.device) < max_radius**2
     # real-space multiplier: FT of the blob at distance |x| / P cycles per voxel
     xr = torch.fft.fftfreq(padded, d=1.0 / padded, device=weight.device)
     dist = torch.sqrt(xr[:, None, None] ** 2 + xr[None, :, None] ** 2 + xr[None, None, :] ** 2)
-    ftblob = _blob_fourier(blob_radius, blob_alpha, dist / padded)
-    w_sh = torch.fft.ifftshift(weight, dim=(0, 1)).double()
+    step = 1e-4  # tabulated like RELION's tab_ftblob, nearest entry
+    table = _blob_fourier(blob_radius, blob_alpha,
+                          torch.arange(0.0, 0.8661, step, device=weight.device))
+    ftblob = table[torch.clamp((dist / padded / step).round().long(), max=len(table) - 1)]
+    del dist
+    w_sh = torch.fft.ifftshift(weight, dim=(0, 1))
     inside_sh = torch.fft.ifftshift(inside, dim=(0, 1))
-    new = inside_sh.double()
+    new = inside_sh.to(torch.float32)
     for _ in range(iterations):
-        conv = torch.fft.irfftn((new * w_sh).to(torch.complex128), s=(padded,) * 3)
-        conv = torch.fft.rfftn(conv * ftblob.double()).abs()
+        conv = torch.fft.irfftn(new * w_sh, s=(padded,) * 3)
+        conv = torch.fft.rfftn(conv * ftblob).abs()
         new = torch.where(inside_sh, new / torch.clamp(conv, min=1e-6), new)
-        new = torch.clamp(new, max=1e20)  # RELION's single-precision guard
-    return torch.fft.fftshift(new, dim=(0, 1)).to(torch.float32)
+        new = torch.clamp(new, max=1e20)  # as RELION's single-precision build
+    return torch.fft.fftshift(new, dim=(0, 1))
 
 
 def reconstruct(
@@ -248,8 +256,7 @@ def reconstruct(
     if symmetry_group is not None and len(symmetry_group) > 1:
         acc = symmetrise(acc, symmetry_group, max_radius=nyquist + 1.0)
     num, den = acc[0], acc[1].real
-    zyx = _frequency_zyx(padded, num.device)
-    inside = (zyx**2).sum(-1) <= nyquist**2
+    inside = _radius2(padded, num.device) <= nyquist**2
     if method == "gridding":
         vol_ft = num * _iterative_gridding_weight(
             den, max_radius=nyquist, iterations=gridding_iterations,
