@@ -32,7 +32,8 @@ from swiftalign.cli._common import (
 
 
 def align_command(
-    particles: Annotated[Path, typer.Argument(help="Particle STAR file (RELION 3.0 or 3.1+).")],
+    particles: Annotated[Path, typer.Argument(
+        help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file.")],
     reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference map (.mrc), "
                                             "same box and pixel size as the particles.")],
     resolution: Annotated[float, typer.Option(help="Resolution limit Tmax (Å): sets the "

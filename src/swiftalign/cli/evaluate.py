@@ -33,8 +33,8 @@ def print_summary(summary: dict, title: str = "pose errors") -> None:
 
 
 def evaluate_command(
-    aligned: Annotated[Path, typer.Argument(help="STAR file with assigned poses.")],
-    truth: Annotated[Path, typer.Option(help="STAR file with the true poses.")],
+    aligned: Annotated[Path, typer.Argument(help="STAR (or cryoSPARC .cs) file with assigned poses.")],
+    truth: Annotated[Path, typer.Option(help="STAR (or cryoSPARC .cs) file with the true poses.")],
     symmetry: Annotated[str, typer.Option(help="Point group of the map.")] = "C1",
     angular_step: Annotated[float | None, typer.Option(
         help="ΔΦ (°) for the fraction-within-step figure.")] = None,

@@ -33,7 +33,7 @@ from swiftalign.cli._common import (
 
 
 def refine_command(
-    particles: Annotated[Path, typer.Argument(help="Particle STAR file.")],
+    particles: Annotated[Path, typer.Argument(help="Particle STAR file or cryoSPARC .cs file.")],
     reference: Annotated[list[Path], typer.Option(
         "--reference", "-r", help="Initial reference map(s) (.mrc); one per class.")],
     initial_resolution: Annotated[float, typer.Option(
