@@ -49,7 +49,7 @@ from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
 from swiftalign.reconstruction import reconstruct
-from swiftalign.sampling import angular_step_deg, shift_step_px
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.symmetry import symmetry_matrices
 
 __all__ = ["RefineConfig", "run_refinement"]
@@ -73,7 +73,7 @@ class RefineConfig(BaseModel):
     local_passes: int = Field(default=0, ge=0)
     local_angle_deg: float = Field(default=5.0, gt=0)
     local_shift_px: float = Field(default=2.0, gt=0)
-    max_shift_px: float = Field(default=8.0, ge=0)
+    max_shift_px: float = Field(default=DEFAULT_MAX_SHIFT_PX, ge=0)
     max_shift_later_px: float = Field(default=3.0, ge=0)
     ctf_mode: str = "wiener"
     index: str = "auto"

@@ -29,6 +29,7 @@ from swiftalign.cli._common import (
     setup_logging,
     write_json,
 )
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def align_command(
@@ -45,7 +46,8 @@ def align_command(
     psi_step: Annotated[float | None, typer.Option(help="In-plane step (°); default ΔΦ.")] = None,
     shift_step: Annotated[float | None, typer.Option(
         help="Shift step (px); default Tmax/(2·Ts).")] = None,
-    max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
+    max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")]
+    = DEFAULT_MAX_SHIFT_PX,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
         "groups applied to references; none: no CTF.")] = "wiener",

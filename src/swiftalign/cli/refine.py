@@ -30,6 +30,7 @@ from swiftalign.cli._common import (
     run_record,
     setup_logging,
 )
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def refine_command(
@@ -62,7 +63,7 @@ def refine_command(
     local_angle: Annotated[float, typer.Option(help="Local search range (°).")] = 5.0,
     local_shift: Annotated[float, typer.Option(help="Local search range (px).")] = 2.0,
     max_shift: Annotated[float, typer.Option(help="Shift range in the first iteration (px).")]
-    = 8.0,
+    = DEFAULT_MAX_SHIFT_PX,
     max_shift_later: Annotated[float, typer.Option(
         help="Shift range around the previous shift in later iterations (px).")] = 3.0,
     mask: Annotated[Path | None, typer.Option(
