@@ -392,14 +392,14 @@ def test_06_cs_cli_align_and_evaluate(cs_dataset, tmp_path):
     same = json.loads((tmp_path / "same.json").read_text())["summary"]
     assert same["angular_error_deg"]["mean"] < 1e-3 and same["shift_error_px"]["mean"] < 1e-4
     out = tmp_path / "aligned.star"
-    r = runner.invoke(app, ["align", str(cs), "--reference", str(MAP_PATH), "--resolution", "25",
+    r = runner.invoke(app, ["align", str(cs), "--reference", str(MAP_PATH), "--resolution", "30",
                             "--symmetry", "C4", "--index", "Flat", "-o", str(out), "-q"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["evaluate", str(out), "--truth", str(cs), "--symmetry", "C4",
                             "--json", str(tmp_path / "e.json"), "-q"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
-    assert summary["angular_error_deg"]["median"] < 6.13  # ΔΦ at 25 Å
+    assert summary["angular_error_deg"]["median"] < 7.36  # ΔΦ at 30 Å, 48 px, 4.88 Å/px
     assert summary["shift_error_px"]["median"] < 1.0
     bad = tmp_path / "bad.cs"
     bad.write_bytes(b"\x93NUMPY garbage")
@@ -600,6 +600,112 @@ def test_16_bad_particles_dropped_and_hot_pixels_clipped(tmp_path):
     im.close()
 
 
+# 17 -----------------------------------------------------------------------------------------
+def check_outputs_complete(out_dir, n_particles):
+    """Every non-temporary .mrc/.star/.npy/.json under ``out_dir`` is whole and readable."""
+    checked = 0
+    for path in sorted(Path(out_dir).rglob("*")):
+        if path.name.startswith(".") or any(p.startswith(".") for p in path.parts[-2:-1]):
+            continue  # temporaries (.NAME.XXXX.tmp, .final.tmp/) are never final names
+        if path.suffix == ".mrc":
+            with mrcfile.open(path, permissive=False) as m:
+                h = m.header
+                nbytes = int(h.nx) * int(h.ny) * int(h.nz) * m.data.dtype.itemsize
+                assert path.stat().st_size == 1024 + int(h.nsymbt) + nbytes, path
+                assert np.isfinite(m.data).all(), path
+        elif path.suffix == ".star":
+            blocks = starfile.read(path, always_dict=True)
+            if path.name == "particles.star":
+                assert len(blocks["particles"]) == n_particles, path
+        elif path.suffix == ".npy":
+            assert len(np.load(path)) == n_particles, path
+        elif path.suffix == ".json":
+            __import__("json").loads(path.read_text())
+        else:
+            continue
+        checked += 1
+    return checked
+
+
+def assert_same_final(a_dir, b_dir):
+    a = starfile.read(Path(a_dir) / "final" / "particles.star", always_dict=True)["particles"]
+    b = starfile.read(Path(b_dir) / "final" / "particles.star", always_dict=True)["particles"]
+    assert list(a.columns) == list(b.columns)
+    for col in a.columns:
+        if a[col].dtype.kind in "fiu":
+            np.testing.assert_allclose(a[col], b[col], atol=1e-4, err_msg=col)
+        else:
+            assert (a[col] == b[col]).all(), col
+    for name in ("half1.mrc", "half2.mrc", "map.mrc", "map_unfiltered.mrc"):
+        ma, mb = (mrcfile.read(Path(d) / "final" / name) for d in (a_dir, b_dir))
+        np.testing.assert_allclose(ma, mb, atol=1e-5 * np.abs(ma).max(), err_msg=name)
+
+
+@pytest.mark.slow
+def test_17_refinement_killed_at_any_moment_resumes_to_the_same_result(tmp_path, trpv1_map):
+    """SIGKILL a real ``refine`` process (while writing iteration 1, at a random moment, while
+    writing iteration 2), check that no final-named file is truncated, ``--continue``, and
+    compare with an uninterrupted run. Measured: about 3-4 min on 2 shared cores."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import swiftalign
+    from swiftalign.fsc import lowpass
+    from swiftalign.io import write_map
+    from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
+
+    n = 80
+    cfg = SimulationConfig(n_particles=n, snr_db=-5.0, symmetry="C4", seed=17)
+    imgs, truth = simulate_particles(trpv1_map, cfg)
+    star = write_dataset(tmp_path / "data", imgs, truth, pixel_size_angstrom=4.88, config=cfg)
+    init = tmp_path / "init.mrc"
+    write_map(init, lowpass(trpv1_map.data, 40.0, 4.88), 4.88)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(swiftalign.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+    def command(*where):
+        return [sys.executable, "-m", "swiftalign", "refine", str(star), "-r", str(init),
+                "--initial-resolution", "40", "--max-resolution", "40", "--global-resolution",
+                "40", "--symmetry", "C4", "--repetitions", "1", "--iterations", "2", "-q", *where]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(command("-o", str(full)), env=env, check=True, capture_output=True)
+
+    def run_until(where, condition, timeout_s=600):
+        proc = subprocess.Popen(command(*where), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while proc.poll() is None and not condition(time.monotonic() - t0):
+            time.sleep(0.02)
+            assert time.monotonic() - t0 < timeout_s
+        finished = proc.poll() is not None
+        if not finished:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return finished
+
+    delay_s = float(np.random.default_rng(17).uniform(3.0, 40.0))
+    moments = [
+        lambda t: (killed / "it001" / "half1.mrc").exists(),  # writing iteration 1
+        lambda t: t > delay_s,  # a random moment
+        lambda t: (killed / "it002" / "map.mrc").exists(),  # writing iteration 2
+    ]
+    where = ("-o", str(killed))
+    kills = 0
+    for moment in moments:
+        if not run_until(where, moment):
+            kills += 1
+        assert check_outputs_complete(killed, n) >= 0
+        where = ("--continue", str(killed))
+    assert kills >= 2
+    subprocess.run(command(*where), env=env, check=True, capture_output=True)
+    assert check_outputs_complete(killed, n) > 20
+    assert not list(killed.rglob(".*.tmp"))
+    assert_same_final(full, killed)
+
+
 # 18 -----------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(min_size=0, max_size=3000))
@@ -638,3 +744,88 @@ def test_18_fuzz_star_reader(tmp_path, text):
         read_particles(path, angpix=1.0)
     except StarFileError:
         pass
+
+
+# Leftovers of the same kind (found by a user test) -----------------------------------------
+def test_malformed_star_rows_name_file_line_column_and_value(tmp_path):
+    head = ("data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnImagePixelSize #3\n"
+            "1@s.mrcs 10000 1.0\n")
+    cases = {
+        "word.star": (head + "2@s.mrcs abc 1.0\n",
+                      r"word\.star line 8: column 'rlnDefocusU' has value 'abc', which is not a "
+                      r"number"),
+        "short.star": (head + "2@s.mrcs 12000\n",
+                       r"short\.star line 8: 2 values but block 'data_particles' has 3 columns; "
+                       r"no value for 'rlnImagePixelSize'"),
+        "long.star": (head + "2@s.mrcs 12000 1.0 7 8\n",
+                      r"long\.star line 8: 5 values but block 'data_particles' has 3 columns"),
+        "optics.star": (OPTICS_31.replace("1 og1 1.0 300", "1 og1 1.0 3OO") + PARTICLES_31,
+                        r"optics\.star line 13: column 'rlnVoltage' has value '3OO'"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(StarFileError, match=message):
+            read_particles(tmp_path / name)
+    # the same through the CLI: exit 2, one line, no traceback
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+
+    r = CliRunner().invoke(app, ["align", str(tmp_path / "word.star"), "-r", str(MAP_PATH),
+                                 "--resolution", "25", "-o", str(tmp_path / "o.star")])
+    assert r.exit_code == 2 and "word.star line 8: column 'rlnDefocusU'" in r.output
+    assert r.output.strip().count("\n") == 0 and "Traceback" not in r.output
+
+
+def test_cli_validation_errors_name_the_flags_not_the_fields(tmp_path):
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+
+    runner = CliRunner()
+    star = tmp_path / "p.star"
+    star.write_text("data_particles\nloop_\n_rlnImageName\n_rlnImagePixelSize\n1@s.mrcs 1\n")
+    r = runner.invoke(app, ["align", str(star), "-r", str(MAP_PATH), "--resolution", "-3",
+                            "-k", "0", "--max-memory", "0", "-o", str(tmp_path / "o.star")])
+    assert r.exit_code == 2
+    out = r.output.strip()
+    assert out.count("\n") == 0 and "Traceback" not in out
+    assert "--resolution -3.0: input should be greater than 0" in out
+    assert "-k 0: input should be greater than or equal to 1" in out
+    assert "--max-memory 0.0" in out
+    assert "_angstrom" not in out and "max_memory_gb" not in out and "validation error" not in out
+    r = runner.invoke(app, ["refine", str(star), "-r", str(MAP_PATH), "--initial-resolution", "0",
+                            "--local-angle", "-1", "-o", str(tmp_path / "r")])
+    assert r.exit_code == 2
+    assert "--initial-resolution 0.0: input should be greater than 0" in r.output
+    assert "--local-angle -1.0" in r.output and "local_angle_deg" not in r.output
+
+
+def test_simulated_shifts_stay_inside_the_default_search():
+    import inspect
+
+    from swiftalign.alignment import AlignConfig
+    from swiftalign.cli.align import align_command
+    from swiftalign.io.mrc import MapData
+    from swiftalign.refinement import RefineConfig
+    from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
+    from swiftalign.simulate import SimulationConfig, simulate_particles
+
+    default = inspect.signature(align_command).parameters["max_shift"].default
+    assert (default == AlignConfig(resolution_angstrom=10).max_shift_px
+            == RefineConfig(initial_resolution_angstrom=10).max_shift_px
+            == SimulationConfig().max_shift_px == DEFAULT_MAX_SHIFT_PX == 8.0)
+    vol = MapData(np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32), 2.0, "m")
+    cfg = SimulationConfig(n_particles=800, seed=4, batch_size=800, ctf=False)
+    _, truth = simulate_particles(vol, cfg)
+    _, free = simulate_particles(vol, SimulationConfig(n_particles=800, seed=4, batch_size=800,
+                                                        ctf=False, max_shift_px=np.inf))
+    r = np.hypot(truth["rlnOriginXAngst"], truth["rlnOriginYAngst"]) / 2.0
+    r_free = np.hypot(free["rlnOriginXAngst"], free["rlnOriginYAngst"]) / 2.0
+    assert r.max() <= 8.0
+    assert 0.01 < np.mean(r_free > 8.0) < 0.05  # σ = 3 px: exp(−64/18) ≈ 2.9 % were outside
+    inside = r_free <= 8.0
+    np.testing.assert_array_equal(r[inside], r_free[inside])  # only those are redrawn
+    np.testing.assert_array_equal(truth["rlnDefocusU"], free["rlnDefocusU"])
+    np.testing.assert_array_equal(truth["rlnAngleRot"], free["rlnAngleRot"])
+    assert 2.7 < np.std(truth["rlnOriginXAngst"] / 2.0) < 3.1

@@ -43,7 +43,8 @@ def refine_command(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder.")] = None,
     continue_dir: Annotated[Path | None, typer.Option(
         "--continue", help="Resume the run in this folder after its last completed "
-        "iteration.")] = None,
+        "iteration (from the start if it was stopped during the first); give the same "
+        "inputs and options.")] = None,
     symmetry: Annotated[str, typer.Option(help="Point group: C1, Cn, Dn, T, O, I.")] = "C1",
     iterations: Annotated[int, typer.Option(help="Maximum iterations.")] = 8,
     repetitions: Annotated[int, typer.Option(
@@ -92,9 +93,13 @@ def refine_command(
     out = continue_dir or output
     if out is None:
         fail(ValueError("give -o OUTDIR (or --continue OUTDIR)"))
+    restart = False
     if continue_dir is not None and not (Path(continue_dir) / "state.json").exists():
-        fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
-                        "(no state.json)"))
+        started = (Path(continue_dir) / "run.log").exists() or (Path(continue_dir) / "it001").exists()
+        if not started:
+            fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
+                            "(no state.json)"))
+        restart = True  # killed during iteration 1: start again, same seeds, same results
     try:
         parse_symmetry(symmetry)
         config = RefineConfig(
@@ -121,12 +126,19 @@ def refine_command(
     except USER_ERRORS as exc:
         fail(exc)
     setup_logging(verbose, quiet, Path(out) / "run.log")
+    if restart:
+        import logging
+
+        logging.getLogger("swiftalign.refinement").warning(
+            "--continue %s: no iteration was completed there; starting from iteration 1",
+            continue_dir)
     try:
         record = run_record(command="refine", inputs={"particles": str(particles),
                                                       "references": [str(r) for r in reference]})
         with progress_bars(quiet) as progress:
             result = run_refinement(table, images, refs, out, config,
-                                    resume=continue_dir is not None, progress=progress,
+                                    resume=continue_dir is not None and not restart,
+                                    progress=progress,
                                     record=record)
         images.close()
     except USER_ERRORS as exc:
