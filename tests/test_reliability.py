@@ -292,6 +292,30 @@ def test_06_cs_poses_shifts_and_halves_follow_cryosparc_conventions(tmp_path):
     assert (e["rlnAngleRot"] + e["rlnAnglePsi"]) % 360 == pytest.approx(30.0, abs=1e-4)
 
 
+def test_06_cs_3d_classification_takes_the_most_probable_class(tmp_path):
+    raw = np.load(shared_file(f"{CS_DIR}/cryosparc_P12_J24_001_particles.cs"))[:50]
+    keep = [n for n in raw.dtype.names if not n.startswith("alignments3D/")]
+    dtype = [(n, raw.dtype[n]) for n in keep]
+    for k in (0, 1):
+        dtype += [(f"alignments_class_{k}/{f}", raw.dtype[f"alignments3D/{f}"])
+                  for f in ("pose", "shift", "psize_A", "split", "class_posterior")]
+    arr = np.zeros(len(raw), dtype=dtype)
+    for n in keep:
+        arr[n] = raw[n]
+    post = np.random.default_rng(0).uniform(size=len(raw))
+    for k, p in ((0, post), (1, 1 - post)):
+        for f in ("pose", "shift", "psize_A", "split"):
+            arr[f"alignments_class_{k}/{f}"] = raw[f"alignments3D/{f}"] * (1 if k == 0 else 0.5)
+        arr[f"alignments_class_{k}/class_posterior"] = p
+    with open(tmp_path / "classes.cs", "wb") as f:
+        np.save(f, arr)
+    t = read_particles(tmp_path / "classes.cs").particles
+    np.testing.assert_array_equal(t["rlnClassNumber"], np.where(post >= 0.5, 1, 2))
+    first = np.where(post >= 0.5, 1.0, 0.5)
+    np.testing.assert_allclose(t["rlnOriginXAngst"],
+                               raw["alignments3D/shift"][:, 0] * first * 2.95 * first, rtol=1e-5)
+
+
 def test_06_cs_exported_variant_loads_and_writes_star(tmp_path):
     t = read_particles(shared_file(f"{CS_DIR}/cryosparc_J2_particles_exported.cs"))
     assert len(t) == 22
