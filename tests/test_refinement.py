@@ -180,6 +180,32 @@ def test_refinement_reaches_ground_truth_resolution_and_resumes(refine_data):
                                mrcfile.read(part / "final" / "half1.mrc"), atol=1e-5)
 
 
+def test_resume_after_a_kill_between_state_and_final(refine_data):
+    """Reliability case 17 (fast variant; the real SIGKILL test is slow, in
+    test_reliability.py): a run killed after saving its last state but while
+    replacing final/ (stale final, half-made .final.tmp, temporaries) is repaired
+    by --continue without recomputing."""
+    from tests.test_reliability import assert_same_final, check_outputs_complete
+
+    out, star, _ = refine_data
+    full = out / "full"
+    if not (full / "state.json").exists():
+        pytest.skip("needs the refinement test's output")
+    crash = out / "crash"
+    shutil.copytree(full, crash)
+    shutil.rmtree(crash / "final")
+    shutil.copytree(crash / "it001", crash / "final")  # the previous iteration's final
+    shutil.copytree(crash / "it002", crash / ".final.tmp", ignore=shutil.ignore_patterns("*.mrc"))
+    (crash / "it002" / ".half1.mrc.x1y2.tmp").write_bytes(b"MRC" * 10)  # a truncated temporary
+    r = _refine(star, out / "init30.mrc", None, "--iterations", "2", "--continue", str(crash))
+    assert r.exit_code == 0, r.output
+    assert check_outputs_complete(crash, 400) > 20
+    assert not list(crash.rglob(".*.tmp")) and not (crash / ".final.tmp").exists()
+    assert_same_final(full, crash)
+    state = json.loads((crash / "state.json").read_text())
+    assert state["iteration"] == 2 and len(state["history"]) == 2
+
+
 @pytest.mark.skipif(shutil.which("relion_reconstruct") is None, reason="RELION not installed")
 def test_relion_reconstruct_agrees_with_our_map(refine_data):
     out, star, _ = refine_data

@@ -34,6 +34,7 @@ from swiftalign.io.star import ParticleTable
 from swiftalign.local_search import refine_local
 from swiftalign.projection import VolumeSpectrum
 from swiftalign.sampling import (
+    DEFAULT_MAX_SHIFT_PX,
     angular_step_deg,
     directions_to_rot_tilt,
     gallery_directions,
@@ -67,7 +68,7 @@ class AlignConfig(BaseModel):
     angular_step_deg: float | None = Field(default=None, gt=0)
     psi_step_deg: float | None = Field(default=None, gt=0)
     shift_step_px: float | None = Field(default=None, gt=0)
-    max_shift_px: float = Field(default=8.0, ge=0)
+    max_shift_px: float = Field(default=DEFAULT_MAX_SHIFT_PX, ge=0)
     perturbation_deg: float | None = Field(default=None, ge=0)
     ctf_mode: Literal["wiener", "reference", "none"] = "wiener"
     wiener_constant: float = Field(default=0.1, gt=0)

@@ -45,7 +45,7 @@ from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
 from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
-from swiftalign.io.mrc import MapData, read_map, write_map
+from swiftalign.io.mrc import MapData, atomic_path, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
 from swiftalign.plots import (
@@ -55,7 +55,7 @@ from swiftalign.plots import (
     save_figure,
 )
 from swiftalign.reconstruction import reconstruct
-from swiftalign.sampling import angular_step_deg, shift_step_px
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.symmetry import symmetry_matrices
 
 __all__ = ["RefineConfig", "run_refinement"]
@@ -79,7 +79,7 @@ class RefineConfig(BaseModel):
     local_passes: int = Field(default=0, ge=0)
     local_angle_deg: float = Field(default=5.0, gt=0)
     local_shift_px: float = Field(default=2.0, gt=0)
-    max_shift_px: float = Field(default=8.0, ge=0)
+    max_shift_px: float = Field(default=DEFAULT_MAX_SHIFT_PX, ge=0)
     max_shift_later_px: float = Field(default=3.0, ge=0)
     ctf_mode: str = "wiener"
     index: str = "auto"
@@ -134,6 +134,44 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
     fa[low], fb[low] = avg[low], avg[low]
     return (np.fft.irfftn(fa, s=a.shape, axes=(0, 1, 2)).astype(np.float32),
             np.fft.irfftn(fb, s=b.shape, axes=(0, 1, 2)).astype(np.float32))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary name, then rename (a kill never leaves a truncated file)."""
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _publish_final(out: Path, it_dir: Path) -> None:
+    """Make ``out/final`` a copy of ``it_dir``; at every moment ``final`` is complete or absent.
+
+    The copy is made under a temporary name, the old ``final`` is renamed away,
+    the copy renamed into place, and only then the old one deleted.
+    """
+    final, tmp_final, old_final = out / "final", out / ".final.tmp", out / ".final.old"
+    for stale in (tmp_final, old_final):
+        if stale.exists():
+            shutil.rmtree(stale)
+    shutil.copytree(it_dir, tmp_final)
+    if final.exists():
+        os.replace(final, old_final)
+    os.replace(tmp_final, final)
+    if old_final.exists():
+        shutil.rmtree(old_final)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files (``.NAME.XXXX.tmp``) a killed run left in ``out`` and ``out/it*``."""
+    for pattern in (".*.tmp", "it[0-9][0-9][0-9]/.*.tmp"):
+        for tmp in out.glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
@@ -248,6 +286,7 @@ def run_refinement(
     start_it = 1
     state_path = out / "state.json"
     if resume and state_path.exists():
+        _remove_stale_temporaries(out)
         state = json.loads(state_path.read_text())
         history = state["history"]
         start_it = state["iteration"] + 1
@@ -259,6 +298,8 @@ def run_refinement(
         shifts_prev = np.load(last / "shifts.npy")
         poses_prev = np.load(last / "poses.npy")
         classes_prev = np.load(last / "classes.npy")
+        # a run killed after its state was saved but before final/ was replaced
+        _publish_final(out, last)
         log.info("continuing after iteration %d (%.2f Å)", state["iteration"], resolution)
 
     stalled = 0
@@ -427,9 +468,9 @@ def run_refinement(
         save_figure(angular_distribution_figure(
             cons.euler_deg[keep, 0], cons.euler_deg[keep, 1],
             title=f"iteration {it}: kept particles"), it_dir / "angdist.png")
-        np.save(it_dir / "shifts.npy", shifts_prev)
-        np.save(it_dir / "poses.npy", poses_prev)
-        np.save(it_dir / "classes.npy", classes_prev)
+        _save_npy(it_dir / "shifts.npy", shifts_prev)
+        _save_npy(it_dir / "poses.npy", poses_prev)
+        _save_npy(it_dir / "classes.npy", classes_prev)
         entry = {
             "iteration": it,
             "alignment_resolution_angstrom": t_align,
@@ -460,12 +501,5 @@ def run_refinement(
         write_json(it_dir / "run.json", run)
         write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
                                 "history": history})
-        final = out / "final"
-        tmp_final = out / ".final.tmp"
-        if tmp_final.exists():
-            shutil.rmtree(tmp_final)
-        shutil.copytree(it_dir, tmp_final)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp_final, final)
+        _publish_final(out, it_dir)
     return {"history": history, "resolution_angstrom": resolution}

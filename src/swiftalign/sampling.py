@@ -14,6 +14,7 @@ import numpy as np
 from swiftalign.symmetry import in_asymmetric_unit
 
 __all__ = [
+    "DEFAULT_MAX_SHIFT_PX",
     "angular_step_deg",
     "shift_step_px",
     "fibonacci_directions",
@@ -22,6 +23,9 @@ __all__ = [
     "shift_grid_px",
     "psi_angles_deg",
 ]
+
+#: Default shift search radius (px) of ``align``/``refine``; ``simulate`` draws no shift beyond it.
+DEFAULT_MAX_SHIFT_PX = 8.0
 
 
 def angular_step_deg(resolution_angstrom: float, pixel_size_angstrom: float, box_size: int) -> float:

@@ -1,7 +1,9 @@
 """Synthetic particle datasets with ground truth (thesis §5.1).
 
 Uniform random orientations (mapped into the asymmetric unit of the symmetry
-group), Fourier-slice projections, Gaussian in-plane shifts, per-particle
+group), Fourier-slice projections, Gaussian in-plane shifts truncated at
+``max_shift_px`` (default: ``align``'s default ``--max-shift``, so every true
+shift is inside the default search; shifts beyond it are redrawn), per-particle
 astigmatic CTF, white Gaussian noise at a given SNR, where
 SNR = variance of the clean CTF-modulated projection over the box / noise
 variance (per particle).
@@ -29,6 +31,7 @@ from swiftalign.ctf import CtfParams, ctf_rfft2
 from swiftalign.io.mrc import MapData, write_stack
 from swiftalign.io.star import ParticleTable, write_particles
 from swiftalign.projection import project
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 from swiftalign.symmetry import symmetry_matrices, to_asymmetric_unit
 
 __all__ = ["SimulationConfig", "simulate_particles", "write_dataset"]
@@ -41,6 +44,7 @@ class SimulationConfig:
     n_particles: int = 2000
     snr_db: float = -10.0
     shift_sigma_px: float = 3.0
+    max_shift_px: float = DEFAULT_MAX_SHIFT_PX
     defocus_min_angstrom: float = 5000.0
     defocus_max_angstrom: float = 25000.0
     astigmatism_max_angstrom: float = 500.0
@@ -51,6 +55,23 @@ class SimulationConfig:
     ctf: bool = True
     seed: int = 0
     batch_size: int = 256
+
+
+def _truncate_shifts(shifts: np.ndarray, config: SimulationConfig) -> np.ndarray:
+    """Redraw `(n, 2)` shifts beyond ``max_shift_px`` (radius) from the same Gaussian.
+
+    A separate generator (seeded from ``config.seed``) keeps every other drawn
+    value identical to an untruncated simulation.
+    """
+    if config.max_shift_px <= 0:
+        return np.zeros_like(shifts)
+    rng = np.random.default_rng([config.seed, 1])
+    out = shifts.copy()
+    far = np.hypot(out[:, 0], out[:, 1]) > config.max_shift_px
+    while far.any():  # rejection rounds, vectorised over the particles still outside
+        out[far] = rng.normal(0.0, config.shift_sigma_px, size=(int(far.sum()), 2))
+        far = np.hypot(out[:, 0], out[:, 1]) > config.max_shift_px
+    return out
 
 
 def simulate_particles(
@@ -91,6 +112,7 @@ def simulate_particles(
     mats = to_asymmetric_unit(rel, symmetry_matrices(config.symmetry))
     euler = matrix_to_euler(mats)
     shifts = rng.normal(0.0, config.shift_sigma_px, size=(n, 2))
+    shifts = _truncate_shifts(shifts, config)
     mean_df = rng.uniform(config.defocus_min_angstrom, config.defocus_max_angstrom, n)
     astig = rng.uniform(0.0, config.astigmatism_max_angstrom, n)
     angle = rng.uniform(-180.0, 180.0, n)

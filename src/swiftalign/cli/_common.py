@@ -206,9 +206,60 @@ def _jsonable(obj):
 _new_logs: list[Path] = []
 
 
+#: Unit suffixes of config field names that the CLI flags leave out (``resolution_angstrom``
+#: is ``--resolution``).
+_FIELD_SUFFIXES = ("_angstrom", "_px", "_deg", "_rad", "_gb", "_path")
+
+
+def flag_for_field(field: str) -> str:
+    """The CLI flag of a config field, e.g. ``max_memory_gb`` → ``--max-memory``.
+
+    Looks the field (or the field without its unit suffix) up among the running
+    command's options; outside a command, derives the flag from the name.
+    """
+    import click
+
+    base = field
+    for suffix in _FIELD_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        for param in ctx.command.params:
+            if param.name in (field, base) and param.opts:
+                long = [o for o in param.opts if o.startswith("--")]
+                return (long or param.opts)[0]
+    return ("-" if len(base) == 1 else "--") + base.replace("_", "-")
+
+
+def user_message(exc: Exception) -> str:
+    """One line for the user; pydantic errors name the CLI flags, not the config fields."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            flag = flag_for_field(str(loc[0])) if loc else "input"
+            msg = str(err.get("msg", "invalid value"))
+            msg = msg[:1].lower() + msg[1:]
+            value = err.get("input")
+            if err.get("type") == "missing" or isinstance(value, dict):
+                parts.append(f"{flag}: {msg}")
+            else:
+                parts.append(f"{flag} {value}: {msg}")
+        text = "; ".join(parts)
+    else:
+        text = str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def fail(exc: Exception) -> None:
-    """Print a user error, remove the log this run created, and exit 2 (no traceback)."""
-    console.print(f"[bold red]error:[/] {exc}")
+    """Print a user error on one line, remove the log this run created, and exit 2 (no traceback)."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(user_message(exc))}", soft_wrap=True)
     logging.shutdown()
     for log_file in _new_logs:
         log_file.unlink(missing_ok=True)

@@ -32,10 +32,12 @@ from swiftalign.cli._common import (
     setup_logging,
     write_json,
 )
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def align_command(
-    particles: Annotated[Path, typer.Argument(help="Particle STAR file (RELION 3.0 or 3.1+).")],
+    particles: Annotated[Path, typer.Argument(
+        help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file.")],
     reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference map (.mrc), "
                                             "same box and pixel size as the particles.")],
     resolution: Annotated[float, typer.Option(help="Resolution limit Tmax (Å): sets the "
@@ -48,7 +50,8 @@ def align_command(
     psi_step: Annotated[float | None, typer.Option(help="In-plane step (°); default ΔΦ.")] = None,
     shift_step: Annotated[float | None, typer.Option(
         help="Shift step (px); default Tmax/(2·Ts).")] = None,
-    max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
+    max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")]
+    = DEFAULT_MAX_SHIFT_PX,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
         "groups applied to references; none: no CTF.")] = "wiener",

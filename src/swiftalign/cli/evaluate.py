@@ -50,9 +50,10 @@ def print_summary(summary: dict, title: str = "pose errors") -> None:
 
 def evaluate_command(
     aligned: Annotated[Path, typer.Argument(
-        help="STAR file with assigned poses (rlnAngleRot/Tilt/Psi in °, rlnOriginX/YAngst in Å).")],
-    truth: Annotated[Path, typer.Option(help="STAR file with the true poses (particles matched "
-                                        "by rlnImageName).")],
+        help="STAR (or cryoSPARC .cs) file with assigned poses (rlnAngleRot/Tilt/Psi in °, "
+        "rlnOriginX/YAngst in Å).")],
+    truth: Annotated[Path, typer.Option(help="STAR (or cryoSPARC .cs) file with the true poses "
+                                        "(particles matched by rlnImageName).")],
     symmetry: Annotated[str, typer.Option(
         help="Point group of the map (C1, Cn, Dn, T, O, I): symmetry-equivalent poses have "
         "no error.")] = "C1",

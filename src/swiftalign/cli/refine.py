@@ -32,12 +32,13 @@ from swiftalign.cli._common import (
     run_record,
     setup_logging,
 )
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def refine_command(
     particles: Annotated[Path, typer.Argument(
-        help="Particle STAR file (RELION 3.0 or 3.1+); its rlnRandomSubset (1/2), when present, "
-        "fixes the half sets.")],
+        help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file; its half sets "
+        "(rlnRandomSubset 1/2 or .cs split), when present, are kept.")],
     reference: Annotated[list[Path], typer.Option(
         "--reference", "-r", help="Initial reference map(s) (.mrc); one per class.")],
     initial_resolution: Annotated[float, typer.Option(
@@ -46,7 +47,8 @@ def refine_command(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder.")] = None,
     continue_dir: Annotated[Path | None, typer.Option(
         "--continue", help="Resume the run in this folder after its last completed "
-        "iteration.")] = None,
+        "iteration (from the start if it was stopped during the first); give the same "
+        "inputs and options.")] = None,
     symmetry: Annotated[str, typer.Option(
         help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
     iterations: Annotated[int, typer.Option(
@@ -71,7 +73,7 @@ def refine_command(
     local_shift: Annotated[float, typer.Option(
         help="Shift range (px) of the --local-passes search.")] = 2.0,
     max_shift: Annotated[float, typer.Option(help="Shift range in the first iteration (px).")]
-    = 8.0,
+    = DEFAULT_MAX_SHIFT_PX,
     max_shift_later: Annotated[float, typer.Option(
         help="Shift range around the previous shift in later iterations (px).")] = 3.0,
     mask: Annotated[Path | None, typer.Option(
@@ -108,9 +110,13 @@ def refine_command(
     out = continue_dir or output
     if out is None:
         fail(ValueError("give -o OUTDIR (or --continue OUTDIR)"))
+    restart = False
     if continue_dir is not None and not (Path(continue_dir) / "state.json").exists():
-        fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
-                        "(no state.json)"))
+        started = (Path(continue_dir) / "run.log").exists() or (Path(continue_dir) / "it001").exists()
+        if not started:
+            fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
+                            "(no state.json)"))
+        restart = True  # killed during iteration 1: start again, same seeds, same results
     try:
         parse_symmetry(symmetry)
         config = RefineConfig(
@@ -137,13 +143,20 @@ def refine_command(
     except USER_ERRORS as exc:
         fail(exc)
     setup_logging(verbose, quiet, Path(out) / "run.log")
+    if restart:
+        import logging
+
+        logging.getLogger("swiftalign.refinement").warning(
+            "--continue %s: no iteration was completed there; starting from iteration 1",
+            continue_dir)
     try:
         record = run_record(command="refine", device=device,
                             inputs={"particles": str(particles),
                                     "references": [str(r) for r in reference]})
         with progress_bars(quiet) as progress:
             result = run_refinement(table, images, refs, out, config,
-                                    resume=continue_dir is not None, progress=progress,
+                                    resume=continue_dir is not None and not restart,
+                                    progress=progress,
                                     record=record)
         images.close()
     except USER_ERRORS as exc:

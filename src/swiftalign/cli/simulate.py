@@ -22,6 +22,7 @@ from swiftalign.cli._common import (
     setup_logging,
     write_json,
 )
+from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def simulate_command(
@@ -32,6 +33,9 @@ def simulate_command(
     snr_db: Annotated[float, typer.Option(help="SNR in dB: variance of the clean "
                                           "CTF-modulated projection / noise variance.")] = -10.0,
     shift_sigma: Annotated[float, typer.Option(help="Std of in-plane shifts (px).")] = 3.0,
+    max_shift: Annotated[float, typer.Option(
+        help="Largest shift (px): Gaussian shifts beyond it are redrawn; default = align's "
+        "default --max-shift, so every true shift is inside its search.")] = DEFAULT_MAX_SHIFT_PX,
     symmetry: Annotated[str, typer.Option(help="Point group; true poses are put in its "
                                           "asymmetric unit.")] = "C1",
     defocus_min: Annotated[float, typer.Option(help="Minimum mean defocus (Å).")] = 5000.0,
@@ -60,11 +64,13 @@ def simulate_command(
         if not 0 < defocus_min <= defocus_max:
             raise ValueError(f"--defocus-min {defocus_min} / --defocus-max {defocus_max}: need "
                              "0 < min <= max (Å)")
-        if astigmatism_max < 0 or shift_sigma < 0:
-            raise ValueError("--astigmatism-max and --shift-sigma must not be negative")
+        if astigmatism_max < 0 or shift_sigma < 0 or max_shift < 0:
+            raise ValueError("--astigmatism-max, --shift-sigma and --max-shift must not be "
+                             "negative")
         ref = read_map(map_path, voxel_size_angstrom=angpix)
         cfg = SimulationConfig(
             n_particles=n_particles, snr_db=snr_db, shift_sigma_px=shift_sigma,
+            max_shift_px=max_shift,
             defocus_min_angstrom=defocus_min, defocus_max_angstrom=defocus_max,
             astigmatism_max_angstrom=astigmatism_max, voltage_kv=voltage, cs_mm=cs,
             amplitude_contrast=amplitude_contrast, symmetry=symmetry, ctf=not no_ctf, seed=seed,

@@ -84,9 +84,13 @@ class ParticleImages:
         for sid, p in enumerate(self.stack_paths):
             if not p.exists():
                 first = int(np.argmax(self._stack_id == sid))
+                where = ""
+                if table.path.suffix.lower() == ".cs":  # cryoSPARC: blob/path, two folders tried
+                    where = (f" (cryoSPARC blob/path, looked up from {star_dir} and "
+                             f"{star_dir.parent})")
                 raise MrcFileError(
                     f"{table.path}: particle {first + 1} rlnImageName {names[first]!r}: "
-                    f"stack {p} does not exist"
+                    f"stack {p} does not exist{where}"
                 )
             mrc = open_stack(p)
             self._stacks.append(mrc)

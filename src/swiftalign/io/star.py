@@ -132,6 +132,95 @@ class ParticleTable:
         return origin_angstrom_to_shift_px(origin_a, ps)
 
 
+#: RELION labels whose values must be numbers (checked with file line numbers on reading).
+NUMERIC_LABELS = frozenset({
+    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnVoltage",
+    "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnMagnification",
+    "rlnDetectorPixelSize", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst",
+    "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnRandomSubset", "rlnClassNumber",
+    "rlnOpticsGroup", "rlnImageSize", "rlnImageDimensionality", "rlnCtfBfactor",
+    "rlnCtfScalefactor", "rlnCoordinateX", "rlnCoordinateY", "rlnCtfMaxResolution",
+    "rlnCtfFigureOfMerit",
+})
+
+_TOKEN = re.compile(r"'[^']*'|\"[^\"]*\"|\S+")
+
+
+@dataclass
+class _LoopRows:
+    """Where a loop's rows are in the file: labels and the line number of every row."""
+
+    labels: list[str]
+    lines: list[int]
+
+
+def _scan_loops(path: Path, text: str) -> dict[str, _LoopRows]:
+    """Check every loop row's number of values; record row line numbers per block.
+
+    Raises
+    ------
+    StarFileError
+        ``FILE line N: …`` for a row with more or fewer values than the loop has labels.
+    """
+    loops: dict[str, _LoopRows] = {}
+    block, state, current = None, "", None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            if state == "rows" and not s:
+                state = ""
+            continue
+        if s.startswith("data_"):
+            block, state = s[5:], ""
+            continue
+        if s.startswith("loop_"):
+            if (block or "") in loops:
+                raise StarFileError(
+                    f"{path} line {lineno}: a second loop in block 'data_{block}' (one loop per "
+                    "block is supported)"
+                )
+            current = _LoopRows([], [])
+            loops[block or ""] = current
+            state = "labels"
+            continue
+        if s.startswith("_"):
+            if state in ("labels",) and current is not None:
+                current.labels.append(s.split()[0].lstrip("_"))
+            else:
+                state = ""
+            continue
+        if state in ("labels", "rows") and current is not None and current.labels:
+            state = "rows"
+            n_values = len(_TOKEN.findall(s))
+            if n_values != len(current.labels):
+                missing = (f"; no value for '{current.labels[n_values]}'"
+                           if n_values < len(current.labels) else "")
+                raise StarFileError(
+                    f"{path} line {lineno}: {n_values} values but block 'data_{block}' has "
+                    f"{len(current.labels)} columns{missing} ({s[:60]!r})"
+                )
+            current.lines.append(lineno)
+    return loops
+
+
+def _check_numeric(path: Path, name: str, block: pd.DataFrame, rows: _LoopRows | None) -> None:
+    """Raise ``FILE line N: column C value V is not a number`` for a known numeric label."""
+    for col in block.columns:
+        if col not in NUMERIC_LABELS or block[col].dtype.kind in "fiub":
+            continue
+        as_num = pd.to_numeric(block[col], errors="coerce")
+        bad = as_num.isna().to_numpy() & block[col].notna().to_numpy()
+        if bad.any():
+            i = int(np.argmax(bad))
+            where = (f"line {rows.lines[i]}" if rows is not None and i < len(rows.lines)
+                     else f"row {i + 1} of block 'data_{name}'")
+            raise StarFileError(
+                f"{path} {where}: column '{col}' has value {block[col].iloc[i]!r}, which is not "
+                "a number"
+            )
+        block[col] = as_num
+
+
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
     if not path.exists():
         raise StarFileError(f"{path}: no such file")
@@ -165,7 +254,13 @@ def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
         else:
             blocks = starfile.read(source, always_dict=True)
     except Exception as exc:
-        raise StarFileError(f"{path}: cannot parse STAR file ({exc})") from exc
+        _scan_loops(path, text)  # a row with a wrong number of values: say which line
+        msg = " ".join(str(exc).split())
+        raise StarFileError(f"{path}: cannot parse STAR file ({msg})") from exc
+    loops = _scan_loops(path, text)
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            _check_numeric(path, name, block, loops.get(name))
     return blocks
 
 
@@ -185,12 +280,15 @@ def _find_particle_block(path: Path, blocks: dict) -> str:
 
 
 def read_particles(path: str | Path, *, angpix: float | None = None) -> ParticleTable:
-    """Read a RELION particle STAR file.
+    """Read a particle file: RELION STAR, or cryoSPARC ``.cs`` (the one dispatch point).
+
+    A ``.cs`` suffix (or a file starting with the ``.npy`` magic bytes) is read by
+    :func:`swiftalign.io.cryosparc.read_cryosparc`; anything else as STAR.
 
     Parameters
     ----------
     path : str or Path
-        RELION 3.0 or 3.1+ STAR file.
+        RELION 3.0 or 3.1+ STAR file, or cryoSPARC ``.cs`` file.
     angpix : float, optional
         Pixel size in Å/px to use where the file gives none.
 
@@ -201,9 +299,14 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     Raises
     ------
     StarFileError
-        Not a STAR file, no particles, or no pixel size and no ``angpix``.
+        Not a STAR (or .cs) file, no particles, a malformed row (names file, line,
+        column and value), or no pixel size and no ``angpix``.
     """
+    from swiftalign.io.cryosparc import is_cryosparc_file, read_cryosparc
+
     path = Path(path)
+    if is_cryosparc_file(path):
+        return read_cryosparc(path, angpix=angpix)
     if angpix is not None and not angpix > 0:
         raise StarFileError(f"--angpix {angpix}: the pixel size must be positive (Å/px)")
     blocks = _read_blocks(path)
