@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from swiftalign.cli._common import (
@@ -151,7 +150,8 @@ def align_command(
                      "index": index, "metric": metric, "seed": seed,
                      "target_recall": target_recall}
             for option, name in _INDEX_OPTIONS.items():
-                if ctx.get_parameter_source(option) == click.core.ParameterSource.COMMANDLINE:
+                source = ctx.get_parameter_source(option)
+                if getattr(source, "name", "") == "COMMANDLINE":
                     value = given[option]
                     if value != base[name]:
                         raise ValueError(
