@@ -12,26 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
+from tests.conftest import SMALL_INDEX
 from typer.testing import CliRunner
 
 from swiftalign import alignment, search
-from swiftalign.alignment import AlignConfig, align_particles, build_reference_set
+from swiftalign.alignment import AlignConfig, align_particles
 from swiftalign.cli.main import app
 from swiftalign.errors import InputError
-from swiftalign.index_file import (
-    load_reference_index,
-    read_manifest,
-    save_reference_index,
-)
+from swiftalign.index_file import load_reference_index, read_manifest
 from swiftalign.io import ParticleImages, read_map, read_particles, write_map
 from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
 
 MAP = Path(str(files("swiftalign") / "data" / "trpv1_volume.mrc"))
 runner = CliRunner()
 
-#: a small trained index: 12° steps, shifts to 4 px (≈ 28k poses), IVF-PQ with 4-bit codes
-CONFIG = AlignConfig(resolution_angstrom=25.0, symmetry="C4", angular_step_deg=12.0,
-                     max_shift_px=4.0, index="IVF64,PQ32x4fs", local_rounds=1)
+CONFIG = AlignConfig(**SMALL_INDEX)
 
 
 def _dataset(trpv1_map, out: Path, seed: int, n: int = 80, **kw) -> Path:
@@ -43,14 +38,10 @@ def _dataset(trpv1_map, out: Path, seed: int, n: int = 80, **kw) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(trpv1_map, tmp_path_factory):
+def built(trpv1_map, small_index, tmp_path_factory):
     """The index built in memory and written to a file; two simulated datasets."""
-    out = tmp_path_factory.mktemp("index")
-    t0 = time.perf_counter()
-    refset = build_reference_set(trpv1_map, CONFIG, pixel_size_angstrom=4.88, populate=True)
-    path = out / "refs.swidx"
-    save_reference_index(path, refset)
-    build_s = time.perf_counter() - t0
+    out = tmp_path_factory.mktemp("datasets")
+    refset, path, build_s = small_index
     stars = [_dataset(trpv1_map, out / f"d{i}", seed=11 + i) for i in range(2)]
     return refset, path, stars, build_s
 

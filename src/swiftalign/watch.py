@@ -21,7 +21,7 @@ Rules
   failed with its error and skipped; the stream goes on.
 - :class:`FolderWatcher` stops after ``idle_timeout_s`` seconds without a new
   complete file, or when the stop file (default ``DIR/swiftalign.stop``) exists
-  (files complete at that moment are still aligned).
+  (after one more scan: files complete by then are still aligned).
 """
 
 from __future__ import annotations
@@ -152,8 +152,10 @@ class FolderWatcher:
             for p in self._scan():
                 yield p
                 last_new = time.monotonic()
-            if stopping:
+            if stopping:  # one more scan: files complete now are still aligned
                 log.info("stop file %s found: stopping", self.stop_file)
+                time.sleep(self.interval_s)
+                yield from self._scan()
                 break
             if self.idle_timeout_s is not None and time.monotonic() - last_new > self.idle_timeout_s:
                 log.info("no new complete STAR file for %.0f s: stopping", self.idle_timeout_s)
