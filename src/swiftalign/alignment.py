@@ -374,6 +374,16 @@ def _ctf_groups(
     return groups
 
 
+def reference_ctf_pool(ctf: CtfParams, disc: Disc, config: AlignConfig, *,
+                       pixel_size_angstrom: float) -> torch.Tensor:
+    """`(n_groups, n_coeff)` CTFs of the particles' defocus groups (reference CTF mode),
+    to augment the vectors an index is trained on."""
+    groups = _ctf_groups(ctf, disc, pixel_size_angstrom=pixel_size_angstrom,
+                         max_phase_rad=config.ctf_group_phase_rad,
+                         device=resolve_device(config.device))
+    return torch.stack([g[1] for g in groups])
+
+
 def resolve_device(device: str) -> str:
     """``cuda`` when asked for and available, else ``cpu`` (with a warning).
 
@@ -758,6 +768,8 @@ def check_reference_set(table: ParticleTable, images: ParticleImages, refset: Re
             f"{images.box_size} px ({images.stack_paths[0]})"
         )
     has_ctf = "rlnDefocusU" in table.particles
+    if getattr(refset, "index", True) is None:  # a gallery only, not an index to reuse
+        return pixel_size
     if refset.config.ctf_mode != "none" and not has_ctf:
         raise InputError(
             f"{src}: built for --ctf-mode {refset.config.ctf_mode}, but {table.path} has no "
