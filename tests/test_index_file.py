@@ -216,3 +216,39 @@ def test_map_with_other_voxel_size_is_resampled_for_the_index(trpv1_map, tmp_pat
     assert r.exit_code == 0, r.output
     assert read_manifest(idx)["pixel_size_angstrom"] == pytest.approx(4.88)
     assert read_map(m).voxel_size_angstrom == pytest.approx(4.80)  # input untouched
+
+
+def test_cuda_request_falls_back_to_cpu_with_a_message(built, monkeypatch):
+    """--device cuda without CUDA (or without faiss-gpu): a clear warning, CPU results."""
+    import faiss
+    import torch
+
+    refset, path, stars, _ = built
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the fallback is not taken")
+    table = read_particles(stars[0])
+    cuda = CONFIG.model_copy(update={"device": "cuda"})
+    with ParticleImages(table) as images, pytest.warns(UserWarning, match="CUDA is not available"):
+        got = align_particles(table, images, load_reference_index(path), cuda)
+    with ParticleImages(table) as images:
+        want = align_particles(table, images, refset, CONFIG)
+    np.testing.assert_array_equal(got.search.ids, want.search.ids)
+    # faiss without GPU support: the index stays on the CPU, and says so
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
+    with pytest.warns(UserWarning, match="faiss-gpu is not installed"):
+        trained = search.TrainedIndex.from_faiss(
+            refset.index.trained.cpu_index(), "IVF64,PQ32x4fs", refset.disc.dim, device="cuda")
+    assert trained.device == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_index_gives_cpu_poses(built):
+    refset, path, stars, _ = built
+    table = read_particles(stars[0])
+    cuda = CONFIG.model_copy(update={"device": "cuda"})
+    with ParticleImages(table) as images:
+        got = align_particles(table, images, load_reference_index(path, device="cuda"), cuda)
+        want = align_particles(table, images, refset, CONFIG)
+    assert np.mean(got.search.ids[:, 0] == want.search.ids[:, 0]) >= 0.95
+    np.testing.assert_allclose(np.median(got.score), np.median(want.score), atol=1e-3)
