@@ -351,9 +351,10 @@ def align_stream(
             summary.skipped_known += 1
             continue
         t0 = time.perf_counter()
-        st = star.stat()
-        entry = {"star": str(star), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        entry = {"star": str(star), "size": None, "mtime_ns": None}
         try:
+            st = star.stat()
+            entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
             table = read_particles(star, angpix=angpix)
             table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
             try:
