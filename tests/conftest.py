@@ -42,3 +42,24 @@ def noisy_dataset(trpv1_map, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+#: A small trained index (issue 6 tests): 12° steps, shifts to 4 px (≈ 20k poses), IVF-PQ.
+SMALL_INDEX = dict(resolution_angstrom=25.0, symmetry="C4", angular_step_deg=12.0,
+                   max_shift_px=4.0, index="IVF64,PQ32x4fs", local_rounds=1)
+
+
+@pytest.fixture(scope="session")
+def small_index(trpv1_map, tmp_path_factory):
+    """(reference set with its populated index, index file, build seconds)."""
+    import time
+
+    from swiftalign.alignment import AlignConfig, build_reference_set
+    from swiftalign.index_file import save_reference_index
+
+    t0 = time.perf_counter()
+    refset = build_reference_set(trpv1_map, AlignConfig(**SMALL_INDEX), pixel_size_angstrom=4.88,
+                                 populate=True)
+    path = tmp_path_factory.mktemp("index") / "refs.swidx"
+    save_reference_index(path, refset)
+    return refset, path, time.perf_counter() - t0

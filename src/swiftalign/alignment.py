@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -43,14 +44,28 @@ from swiftalign.sampling import (
 )
 from swiftalign.search import (
     IndexSettings,
+    PopulatedIndex,
     SearchResult,
+    TrainedIndex,
+    populate_index,
+    query_index,
     rescore,
     search_gallery,
+    train_index,
     validate_factory,
 )
 from swiftalign.symmetry import parse_symmetry, symmetry_matrices
 
-__all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling"]
+__all__ = [
+    "AlignConfig",
+    "AlignmentResult",
+    "ReferenceSet",
+    "align_particles",
+    "build_reference_set",
+    "check_reference_set",
+    "particle_vectors",
+    "Sampling",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +94,7 @@ class AlignConfig(BaseModel):
     metric: Literal["l2", "cosine", "pearson"] = "cosine"
     k: int = Field(default=1, ge=1)
     device: str = "cpu"
+    gpu_float16: bool = False
     max_memory_gb: float = Field(default=2.0, gt=0)
     seed: int = 0
     ctf_candidates: int = Field(
@@ -140,6 +156,63 @@ class AlignmentResult:
     pixel_size_angstrom: float
     box_size: int
     timings: dict = field(default_factory=dict)
+
+    def star_columns(self) -> dict[str, np.ndarray]:
+        """RELION columns of the best match: `(n,)` ``rlnAngleRot/Tilt/Psi`` (°),
+        ``rlnOriginXAngst/YAngst`` (Å, origin = −shift·Ts) and ``rlnSwiftalignScore``."""
+        from swiftalign.conventions import shift_px_to_origin_angstrom
+
+        origin = shift_px_to_origin_angstrom(self.shift_yx_px[:, 0], self.pixel_size_angstrom)
+        return {
+            "rlnAngleRot": self.euler_deg[:, 0, 0],
+            "rlnAngleTilt": self.euler_deg[:, 0, 1],
+            "rlnAnglePsi": self.euler_deg[:, 0, 2],
+            "rlnOriginXAngst": origin[:, 0],
+            "rlnOriginYAngst": origin[:, 1],
+            "rlnSwiftalignScore": self.score[:, 0],
+        }
+
+    def topk_columns(self) -> dict[str, np.ndarray]:
+        """The same columns for all ``k`` matches, `(n·k,)` particle-major, plus
+        ``rlnSwiftalignRank`` (1 = best)."""
+        from swiftalign.conventions import shift_px_to_origin_angstrom
+
+        origin = shift_px_to_origin_angstrom(self.shift_yx_px, self.pixel_size_angstrom)
+        kk = self.euler_deg.shape[1]
+        return {
+            "rlnAngleRot": self.euler_deg[..., 0].ravel(),
+            "rlnAngleTilt": self.euler_deg[..., 1].ravel(),
+            "rlnAnglePsi": self.euler_deg[..., 2].ravel(),
+            "rlnOriginXAngst": origin[..., 0].ravel(),
+            "rlnOriginYAngst": origin[..., 1].ravel(),
+            "rlnSwiftalignScore": self.score.ravel(),
+            "rlnSwiftalignRank": np.tile(np.arange(1, kk + 1), len(self.score)),
+        }
+
+    @classmethod
+    def concatenate(cls, parts: list[AlignmentResult]) -> AlignmentResult:
+        """Results of consecutive chunks of particles as one result (timings summed)."""
+        first = parts[0]
+        timings: dict[str, float] = {}
+        for p in parts:
+            for key, value in p.timings.items():
+                timings[key] = timings.get(key, 0.0) + value
+        search = dataclasses.replace(
+            first.search,
+            distances=np.concatenate([p.search.distances for p in parts]),
+            ids=np.concatenate([p.search.ids for p in parts]),
+        )
+        return cls(
+            euler_deg=np.concatenate([p.euler_deg for p in parts]),
+            shift_yx_px=np.concatenate([p.shift_yx_px for p in parts]),
+            distance=np.concatenate([p.distance for p in parts]),
+            score=np.concatenate([p.score for p in parts]),
+            sampling=first.sampling,
+            search=search,
+            pixel_size_angstrom=first.pixel_size_angstrom,
+            box_size=first.box_size,
+            timings=timings,
+        )
 
 
 def ctf_params_from_table(table: ParticleTable) -> CtfParams:
@@ -302,6 +375,16 @@ def _ctf_groups(
     return groups
 
 
+def reference_ctf_pool(ctf: CtfParams, disc: Disc, config: AlignConfig, *,
+                       pixel_size_angstrom: float) -> torch.Tensor:
+    """`(n_groups, n_coeff)` CTFs of the particles' defocus groups (reference CTF mode),
+    to augment the vectors an index is trained on."""
+    groups = _ctf_groups(ctf, disc, pixel_size_angstrom=pixel_size_angstrom,
+                         max_phase_rad=config.ctf_group_phase_rad,
+                         device=resolve_device(config.device))
+    return torch.stack([g[1] for g in groups])
+
+
 def resolve_device(device: str) -> str:
     """``cuda`` when asked for and available, else ``cpu`` (with a warning).
 
@@ -347,6 +430,33 @@ def check_inputs(
             "process each optics group separately (or rescale the particles first)"
         )
     pixel_size = float(ps[0])
+    return pixel_size, reference_at_pixel_size(reference, pixel_size, images=images)
+
+
+def reference_at_pixel_size(reference: MapData, pixel_size_angstrom: float, *,
+                            images: ParticleImages | None = None) -> MapData:
+    """The reference map checked and on a pixel grid of ``pixel_size_angstrom``.
+
+    A voxel size within :data:`PIXEL_SIZE_TOLERANCE` is resampled (cubic spline
+    about the centre ``N // 2``, with a warning); a voxel size of 0 is taken to be
+    ``pixel_size_angstrom`` (warning).
+
+    Parameters
+    ----------
+    reference : MapData
+        The map as read.
+    pixel_size_angstrom : float
+        Pixel size of the particles (Å/px).
+    images : ParticleImages, optional
+        Particles whose box the map must match.
+
+    Raises
+    ------
+    InputError
+        Non-cubic, odd-sized or constant map, a box other than the particles', or a
+        voxel size too far from the pixel size.
+    """
+    pixel_size = pixel_size_angstrom
     shape = reference.data.shape
     if len(set(shape)) != 1:
         raise InputError(f"{reference.path}: map is not cubic ({shape})")
@@ -357,7 +467,7 @@ def check_inputs(
         )
     if float(np.ptp(reference.data)) == 0.0:
         raise InputError(f"{reference.path}: reference map is constant ({reference.data.flat[0]})")
-    if shape[0] != images.box_size:
+    if images is not None and shape[0] != images.box_size:
         raise InputError(
             f"{reference.path}: map box {shape[0]} px differs from the particle box "
             f"{images.box_size} px ({images.stack_paths[0]})"
@@ -369,7 +479,7 @@ def check_inputs(
             f"{pixel_size} Å (pass --reference-angpix to set it)",
             stacklevel=2,
         )
-        return pixel_size, MapData(reference.data, pixel_size, reference.path)
+        return MapData(reference.data, pixel_size, reference.path)
     mismatch = abs(vox - pixel_size) / pixel_size
     if mismatch > PIXEL_SIZE_TOLERANCE:
         raise InputError(
@@ -383,9 +493,8 @@ def check_inputs(
             "resampling the map to the particle pixel size",
             stacklevel=2,
         )
-        return pixel_size, MapData(resample_map(reference.data, vox, pixel_size),
-                                   pixel_size, reference.path)
-    return pixel_size, reference
+        return MapData(resample_map(reference.data, vox, pixel_size), pixel_size, reference.path)
+    return reference
 
 
 def resample_map(volume: np.ndarray, voxel_size_angstrom: float,
@@ -416,67 +525,103 @@ def make_sampling(config: AlignConfig, pixel_size: float, box_size: int) -> Samp
     )
 
 
-def align_particles(
-    table: ParticleTable,
-    images: ParticleImages,
-    reference: MapData,
-    config: AlignConfig,
-    *,
-    rows: np.ndarray | None = None,
-    initial_shift_yx_px: np.ndarray | None = None,
-    local_resolution_angstrom: float | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> AlignmentResult:
-    """Align particles against the reference.
+#: AlignConfig fields that define a reference set (gallery and index); the rest are per run.
+REFERENCE_FIELDS = (
+    "resolution_angstrom", "symmetry", "angular_step_deg", "psi_step_deg", "shift_step_px",
+    "max_shift_px", "perturbation_deg", "ctf_mode", "index", "metric", "seed", "target_recall",
+)
 
-    Parameters
+
+@dataclass
+class ReferenceSet:
+    """Everything about the references that does not depend on the particles.
+
+    Built by :func:`build_reference_set` (optionally with a populated index),
+    or read back from an index file (:mod:`swiftalign.index_file`).
+
+    Attributes
     ----------
-    table : ParticleTable
-        Particles and their optics.
-    images : ParticleImages
-        Their images (already validated).
-    reference : MapData
-        `(N, N, N)` map at the particles' pixel size.
     config : AlignConfig
-        Parameters.
-    rows : np.ndarray, optional
-        `(m,)` STAR rows to align (default all); results follow this order.
-    initial_shift_yx_px : np.ndarray, optional
-        `(m, 2)` known shifts: particles are recentred on them and the shift
-        grid (``max_shift_px``) is searched around them.
-    local_resolution_angstrom : float, optional
-        Finer resolution for the local refinement than for the global search:
-        the local search then uses that disc and more rounds, down to the
-        finer resolution's steps.
-    progress : callable, optional
-        ``progress(step, done, total)``.
+        Parameters it was built with (:data:`REFERENCE_FIELDS` define it).
+    reference : MapData
+        `(N, N, N)` map at ``pixel_size_angstrom`` (CTF re-scoring and local search).
+    pixel_size_angstrom : float
+        Pixel size the sampling was computed for (Å/px).
+    box_size : int
+        ``N`` in px.
+    sampling : Sampling
+        Steps and counts.
+    disc : Disc
+        Coefficient selection.
+    gallery : Gallery
+        The rotated gallery (reference poses).
+    index : PopulatedIndex or None
+        Populated index ready to query (``None``: built per alignment).
+    source : str
+        Where it came from (index file or map path), for error messages.
+    timings : dict
+        Seconds spent in ``gallery``, ``train``, ``populate``, ``tune``.
+    """
 
-    Returns
-    -------
-    AlignmentResult
+    config: AlignConfig
+    reference: MapData
+    pixel_size_angstrom: float
+    box_size: int
+    sampling: Sampling
+    disc: Disc
+    gallery: Gallery
+    index: PopulatedIndex | None = None
+    source: str = ""
+    timings: dict = field(default_factory=dict)
+
+    def to(self, device: str) -> ReferenceSet:
+        """The same reference set with its tensors on ``device`` (FAISS index moved too)."""
+        if self.gallery.coeffs.device == torch.device(device):
+            return self
+        gallery = dataclasses.replace(self.gallery, coeffs=self.gallery.coeffs.to(device),
+                                      disc=self.gallery.disc.to(device))
+        index = self.index
+        if index is not None:
+            if index.trained is not None:
+                index.trained.to_device(device)
+            index = dataclasses.replace(
+                index, gallery=gallery,
+                ctf_disc=None if index.ctf_disc is None else index.ctf_disc.to(device))
+        return dataclasses.replace(self, gallery=gallery, disc=self.disc.to(device), index=index)
+
+
+def index_settings(config: AlignConfig) -> IndexSettings:
+    """Search settings of an alignment config."""
+    return IndexSettings(
+        factory=config.index,
+        rerank=config.rerank,
+        nprobe=config.nprobe,
+        target_recall=config.target_recall,
+        max_memory_bytes=int(config.max_memory_gb * 1024**3),
+        seed=config.seed,
+        gpu_float16=config.gpu_float16,
+    )
+
+
+def plan_reference_set(config: AlignConfig, pixel_size_angstrom: float,
+                       box_size: int) -> tuple[Sampling, Disc]:
+    """Sampling and disc of a reference set, after the checks that need no data.
 
     Raises
     ------
     InputError
-        See :func:`check_inputs` and :func:`ctf_params_from_table`.
+        Resolution finer than Nyquist, or a rotated gallery larger than ``--max-memory``.
+    ValueError
+        Unknown symmetry or invalid FAISS factory string.
     """
-    timings: dict[str, float] = {}
     symmetry = config.symmetry_checked()
-    pixel_size, reference = check_inputs(table, images, reference)
-    box = images.box_size
-    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
-    device = resolve_device(config.device)
-    if config.resolution_angstrom < 2 * pixel_size:
+    if config.resolution_angstrom < 2 * pixel_size_angstrom:
         raise InputError(
             f"--resolution {config.resolution_angstrom} Å is finer than Nyquist "
-            f"({2 * pixel_size:.3f} Å at {pixel_size} Å/px)"
+            f"({2 * pixel_size_angstrom:.3f} Å at {pixel_size_angstrom} Å/px)"
         )
-    if ctf is not None and (ctf.defocus_u_angstrom <= 0).any():
-        i = int(np.argmax(ctf.defocus_u_angstrom <= 0))
-        raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
-                         f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
-    sampling = make_sampling(config, pixel_size, box)
-    disc = make_disc(box, sampling.disc_radius_fftfreq)
+    sampling = make_sampling(config, pixel_size_angstrom, box_size)
+    disc = make_disc(box_size, sampling.disc_radius_fftfreq)
     validate_factory(config.index, disc.dim)
     n_dirs_est = 4 * math.pi / math.radians(sampling.angular_step_deg) ** 2 / len(
         symmetry_matrices(symmetry))
@@ -488,6 +633,227 @@ def align_particles(
             f"more than --max-memory {config.max_memory_gb} GB: use a coarser resolution, a "
             "larger --angular-step, or raise --max-memory"
         )
+    return sampling, disc
+
+
+def build_reference_set(
+    reference: MapData,
+    config: AlignConfig,
+    *,
+    pixel_size_angstrom: float,
+    populate: bool = False,
+    n_particles: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ReferenceSet:
+    """Project, rotate and cut the reference (the rotated gallery); optionally train and
+    populate its index for reuse.
+
+    Parameters
+    ----------
+    reference : MapData
+        `(N, N, N)` map already at ``pixel_size_angstrom`` (see :func:`check_inputs`).
+    config : AlignConfig
+        Parameters (:data:`REFERENCE_FIELDS`, ``device``, ``max_memory_gb``).
+    pixel_size_angstrom : float
+        Pixel size of the particles (Å/px).
+    populate : bool
+        Also train (unless ``Flat``) and populate the index, tuning ``nprobe``
+        (an index for any number of datasets, :mod:`swiftalign.index_file`).
+    n_particles : int, optional
+        Particles to be aligned (for ``--index auto``; unknown for a reusable index).
+    progress : callable, optional
+        ``progress(step, done, total)``.
+
+    Returns
+    -------
+    ReferenceSet
+
+    Raises
+    ------
+    InputError
+        See :func:`plan_reference_set`; ``populate`` with ``ctf_mode`` ``reference``
+        (its index depends on the particles' defocus groups).
+    """
+    if populate and config.ctf_mode == "reference":
+        raise InputError(
+            "--ctf-mode reference populates the index per defocus group of the particles, so "
+            "it cannot be built ahead of them: build the index with --ctf-mode wiener or none"
+        )
+    box = reference.data.shape[0]
+    sampling, disc = plan_reference_set(config, pixel_size_angstrom, box)
+    device = resolve_device(config.device)
+    timings: dict[str, float] = {}
+    rng = np.random.default_rng(config.seed)
+    group = symmetry_matrices(config.symmetry_checked())
+    dirs = gallery_directions(
+        sampling.angular_step_deg, group, rng=rng, perturbation_deg=config.perturbation_deg
+    )
+    rot_tilt = directions_to_rot_tilt(dirs)
+    shifts = shift_grid_px(sampling.max_shift_px, sampling.shift_step_px)
+    t0 = time.perf_counter()
+    done = [0]
+
+    def cb(m: int) -> None:
+        done[0] += m
+        if progress is not None:
+            progress("projections", done[0], len(rot_tilt))
+
+    gallery: Gallery = build_gallery(
+        torch.as_tensor(reference.data, device=device),
+        directions_rot_tilt_deg=rot_tilt,
+        psi_step_deg=sampling.psi_step_deg,
+        shifts_yx_px=shifts,
+        disc=disc.to(device),
+        metric=config.metric,
+        rng=rng,
+        progress=cb,
+    )
+    timings["gallery"] = time.perf_counter() - t0
+    sampling.n_directions = len(rot_tilt)
+    sampling.n_psi = gallery.psi_deg.shape[1]
+    sampling.n_shifts = gallery.n_shifts
+    log.info(
+        "sampling: dPhi %.2f deg, ds %.2f px, %d directions x %d psi x %d shifts = %d poses, "
+        "%d coefficients",
+        sampling.angular_step_deg, sampling.shift_step_px, sampling.n_directions,
+        sampling.n_psi, sampling.n_shifts, gallery.n_poses, disc.n_coeff,
+    )
+    index = None
+    if populate:
+        settings = index_settings(config)
+        trained = train_index(gallery, settings, n_particles=n_particles, device=device)
+        index = populate_index(trained, gallery, settings, progress=progress)
+        timings.update(index.timings)
+    return ReferenceSet(config, MapData(reference.data, pixel_size_angstrom, reference.path),
+                        pixel_size_angstrom, box, sampling, disc.to(device), gallery, index,
+                        source=str(reference.path), timings=timings)
+
+
+#: Relative difference between an index's pixel size and the particles' that is tolerated.
+INDEX_PIXEL_SIZE_TOLERANCE = 1e-3
+
+
+def check_reference_set(table: ParticleTable, images: ParticleImages, refset: ReferenceSet,
+                        config: AlignConfig) -> float:
+    """Checks that a prebuilt reference set (index file) fits the particles and the run.
+
+    Returns the particle pixel size (Å/px). ``refset`` may also be an
+    :class:`swiftalign.index_file.IndexHeader` (the same checks from a manifest,
+    before the index is read).
+
+    Raises
+    ------
+    InputError
+        Box, pixel size or CTF mode of the index differ from the particles, or a
+        reference-defining parameter of ``config`` differs from the index's.
+    """
+    src = refset.source or "the reference index"
+    for name in REFERENCE_FIELDS:
+        mine, theirs = getattr(config, name), getattr(refset.config, name)
+        if mine != theirs:
+            raise InputError(f"{src}: built with {name} = {theirs!r}, but this run asks for "
+                             f"{mine!r}; rebuild the index or leave the option out")
+    ps = table.pixel_size_angstrom
+    if not np.allclose(ps, ps[0], rtol=1e-4):
+        raise InputError(f"{table.path}: optics groups have different pixel sizes; "
+                         "process each optics group separately")
+    pixel_size = float(ps[0])
+    if abs(pixel_size - refset.pixel_size_angstrom) > INDEX_PIXEL_SIZE_TOLERANCE * pixel_size:
+        raise InputError(
+            f"{src}: built for pixel size {refset.pixel_size_angstrom} Å, but the particles of "
+            f"{table.path} have {pixel_size} Å; build an index at {pixel_size} Å"
+        )
+    if images.box_size != refset.box_size:
+        raise InputError(
+            f"{src}: built for box {refset.box_size} px, but the particles of {table.path} are "
+            f"{images.box_size} px ({images.stack_paths[0]})"
+        )
+    has_ctf = "rlnDefocusU" in table.particles
+    if getattr(refset, "index", True) is None:  # a gallery only, not an index to reuse
+        return pixel_size
+    if refset.config.ctf_mode != "none" and not has_ctf:
+        raise InputError(
+            f"{src}: built for --ctf-mode {refset.config.ctf_mode}, but {table.path} has no "
+            "rlnDefocusU (CTF-free particles): build an index with --ctf-mode none"
+        )
+    if refset.config.ctf_mode == "none" and has_ctf:
+        raise InputError(
+            f"{src}: built for --ctf-mode none, but the particles of {table.path} have a CTF "
+            "(rlnDefocusU): build an index with --ctf-mode wiener"
+        )
+    return pixel_size
+
+
+def align_particles(
+    table: ParticleTable,
+    images: ParticleImages,
+    reference: MapData | ReferenceSet,
+    config: AlignConfig,
+    *,
+    rows: np.ndarray | None = None,
+    initial_shift_yx_px: np.ndarray | None = None,
+    local_resolution_angstrom: float | None = None,
+    trained_index: TrainedIndex | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AlignmentResult:
+    """Align particles against the reference.
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles and their optics.
+    images : ParticleImages
+        Their images (already validated).
+    reference : MapData or ReferenceSet
+        `(N, N, N)` map at the particles' pixel size, or a reference set
+        already built (:func:`build_reference_set`, or read from an index file);
+        with a populated index it is only queried (no gallery, no training).
+    config : AlignConfig
+        Parameters. With a :class:`ReferenceSet`, its :data:`REFERENCE_FIELDS`
+        must equal the reference set's.
+    rows : np.ndarray, optional
+        `(m,)` STAR rows to align (default all); results follow this order.
+    initial_shift_yx_px : np.ndarray, optional
+        `(m, 2)` known shifts: particles are recentred on them and the shift
+        grid (``max_shift_px``) is searched around them.
+    local_resolution_angstrom : float, optional
+        Finer resolution for the local refinement than for the global search:
+        the local search then uses that disc and more rounds, down to the
+        finer resolution's steps.
+    trained_index : TrainedIndex, optional
+        An index trained already (:func:`~swiftalign.search.train_index`, e.g.
+        once per refinement iteration): only populated with this gallery.
+    progress : callable, optional
+        ``progress(step, done, total)``.
+
+    Returns
+    -------
+    AlignmentResult
+
+    Raises
+    ------
+    InputError
+        See :func:`check_inputs`, :func:`check_reference_set` and
+        :func:`ctf_params_from_table`.
+    """
+    timings: dict[str, float] = {}
+    config.symmetry_checked()
+    device = resolve_device(config.device)
+    if isinstance(reference, ReferenceSet):
+        pixel_size = check_reference_set(table, images, reference, config)
+        refset: ReferenceSet | None = reference.to(device)
+        sampling, disc = refset.sampling, refset.disc
+        reference = refset.reference
+    else:
+        pixel_size, reference = check_inputs(table, images, reference)
+        refset = None
+        sampling, disc = plan_reference_set(config, pixel_size, images.box_size)
+    box = images.box_size
+    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
+    if ctf is not None and (ctf.defocus_u_angstrom <= 0).any():
+        i = int(np.argmax(ctf.defocus_u_angstrom <= 0))
+        raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
+                         f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
 
     def step_progress(name: str, total: int):
         done = [0]
@@ -516,72 +882,42 @@ def align_particles(
     )
     timings["particles"] = time.perf_counter() - t0
 
-    rng = np.random.default_rng(config.seed)
-    group = symmetry_matrices(symmetry)
-    dirs = gallery_directions(
-        sampling.angular_step_deg, group, rng=rng, perturbation_deg=config.perturbation_deg
-    )
-    rot_tilt = directions_to_rot_tilt(dirs)
-    shifts = shift_grid_px(sampling.max_shift_px, sampling.shift_step_px)
-    t0 = time.perf_counter()
-    volume = torch.as_tensor(reference.data, device=device)
-    gallery: Gallery = build_gallery(
-        volume,
-        directions_rot_tilt_deg=rot_tilt,
-        psi_step_deg=sampling.psi_step_deg,
-        shifts_yx_px=shifts,
-        disc=disc.to(device),
-        metric=config.metric,
-        rng=rng,
-        progress=step_progress("projections", len(rot_tilt)),
-    )
-    timings["gallery"] = time.perf_counter() - t0
-    sampling.n_directions = len(rot_tilt)
-    sampling.n_psi = gallery.psi_deg.shape[1]
-    sampling.n_shifts = gallery.n_shifts
-    log.info(
-        "sampling: dPhi %.2f deg, ds %.2f px, %d directions x %d psi x %d shifts = %d poses, "
-        "%d coefficients",
-        sampling.angular_step_deg,
-        sampling.shift_step_px,
-        sampling.n_directions,
-        sampling.n_psi,
-        sampling.n_shifts,
-        gallery.n_poses,
-        disc.n_coeff,
-    )
-
-    ctf_groups = None
-    ctf_pool = None
-    if config.ctf_mode == "reference":
-        ctf_groups = _ctf_groups(
-            ctf.subset(star_rows), disc, pixel_size_angstrom=pixel_size,
-            max_phase_rad=config.ctf_group_phase_rad, device=device,
-        )
-        ctf_pool = torch.stack([g[1] for g in ctf_groups])
-        log.info("reference CTF mode: %d CTF groups", len(ctf_groups))
-
-    settings = IndexSettings(
-        factory=config.index,
-        rerank=config.rerank,
-        nprobe=config.nprobe,
-        target_recall=config.target_recall,
-        max_memory_bytes=int(config.max_memory_gb * 1024**3),
-        seed=config.seed,
-    )
+    if refset is None:
+        refset = build_reference_set(reference, config, pixel_size_angstrom=pixel_size,
+                                     progress=progress)
+        sampling = refset.sampling
+    timings.update(refset.timings)
+    gallery = refset.gallery
+    settings = index_settings(config)
     # With a CTF, the index proposes candidates and the particle's own CTF
     # decides among them (exact forward model, no Wiener bias).
     n_candidates = max(config.k, config.ctf_candidates) if ctf is not None else config.k
-    result = search_gallery(
-        gallery,
-        queries,
-        k=n_candidates,
-        settings=settings,
-        ctf_groups=ctf_groups,
-        ctf_disc_pool=ctf_pool,
-        device=device,
-        progress=progress,
-    )
+    if refset.index is not None:
+        result = query_index(refset.index, queries, k=n_candidates, settings=settings,
+                             progress=progress)
+        # building the index is not part of this run
+        result.timings.update({"train": 0.0, "populate": 0.0, "tune": 0.0})
+    else:
+        ctf_groups = None
+        ctf_pool = None
+        if config.ctf_mode == "reference":
+            ctf_groups = _ctf_groups(
+                ctf.subset(star_rows), disc, pixel_size_angstrom=pixel_size,
+                max_phase_rad=config.ctf_group_phase_rad, device=device,
+            )
+            ctf_pool = torch.stack([g[1] for g in ctf_groups])
+            log.info("reference CTF mode: %d CTF groups", len(ctf_groups))
+        result = search_gallery(
+            gallery,
+            queries,
+            k=n_candidates,
+            settings=settings,
+            ctf_groups=ctf_groups,
+            ctf_disc_pool=ctf_pool,
+            device=device,
+            trained=trained_index,
+            progress=progress,
+        )
     timings.update(result.timings)
     ids, dist_t = result.ids, result.distances
     if ctf is not None:
@@ -603,6 +939,7 @@ def align_particles(
     euler, shift = gallery.poses(ids)
     dist = dist_t.astype(np.float64)
     del gallery
+    refset = None  # frees a gallery built here (a prebuilt one stays with the caller)
     rounds = config.local_rounds
     local_disc, local_queries = disc, raw_queries
     if local_resolution_angstrom is not None and local_resolution_angstrom < config.resolution_angstrom:
@@ -616,7 +953,7 @@ def align_particles(
     if rounds > 0:
         t0 = time.perf_counter()
         e1, s1, d1 = refine_local(
-            VolumeSpectrum(volume),
+            VolumeSpectrum(torch.as_tensor(reference.data, device=device)),
             local_queries,
             euler[:, 0],
             shift[:, 0],

@@ -6,7 +6,10 @@ Each iteration, at the current resolution ``T``:
    is aligned (:func:`swiftalign.alignment.align_particles`) against every
    class reference of its own half, each repetition with its own gallery
    perturbation (seeded by iteration and repetition); the class with the
-   smallest distance wins the repetition;
+   smallest distance wins the repetition. A FAISS index is trained once per
+   iteration, half and class, on augmented references pooled from all
+   repetitions' galleries (:func:`swiftalign.search.train_index`), then
+   populated with and queried against each repetition's gallery;
 2. the ``R`` alignments are combined (:mod:`swiftalign.consensus`); particles
    without agreement are left out of this iteration's reconstruction;
 3. each half map of each class is reconstructed (:mod:`swiftalign.reconstruction`)
@@ -40,7 +43,16 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from swiftalign.alignment import AlignConfig, align_particles, check_inputs, ctf_params_from_table
+from swiftalign.alignment import (
+    AlignConfig,
+    align_particles,
+    build_reference_set,
+    check_inputs,
+    ctf_params_from_table,
+    index_settings,
+    reference_ctf_pool,
+    resolve_device,
+)
 from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
@@ -56,6 +68,7 @@ from swiftalign.plots import (
 )
 from swiftalign.reconstruction import reconstruct
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
+from swiftalign.search import train_index
 from swiftalign.symmetry import symmetry_matrices
 
 __all__ = ["RefineConfig", "run_refinement"]
@@ -336,38 +349,52 @@ def run_refinement(
                 class_all[rows] = cl[:, None]
         for h in (1, 2) if not local_pass else ():
             rows = np.nonzero(halves == h)[0]
-            for r in range(reps):
-                best_d = np.full(len(rows), np.inf)
-                for c in range(n_classes):
-                    ref_map = refs[(c, h)]
-                    if mask is not None:
-                        ref_map = ref_map * mask
-                    acfg = AlignConfig(
-                        resolution_angstrom=t_global,
-                        symmetry=sym,
-                        max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
-                        ctf_mode=config.ctf_mode,
-                        index=config.index,
-                        metric=config.metric,
-                        device=config.device,
-                        max_memory_gb=config.max_memory_gb,
-                        seed=config.seed * 1_000_003 + it * 1009 + r * 17 + h,
-                    )
+            best_d = np.full((reps, len(rows)), np.inf)
+            for c in range(n_classes):
+                ref_map = refs[(c, h)]
+                if mask is not None:
+                    ref_map = ref_map * mask
+                ref_c = MapData(ref_map, pixel_size, references[c].path)
+                acfgs = [AlignConfig(
+                    resolution_angstrom=t_global,
+                    symmetry=sym,
+                    max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
+                    ctf_mode=config.ctf_mode,
+                    index=config.index,
+                    metric=config.metric,
+                    device=config.device,
+                    max_memory_gb=config.max_memory_gb,
+                    seed=config.seed * 1_000_003 + it * 1009 + r * 17 + h,
+                ) for r in range(reps)]
+                # each repetition's own perturbed reference set; one index trained on all
+                # of them (per half and class: halves stay independent)
+                refsets = [build_reference_set(ref_c, acfg, pixel_size_angstrom=pixel_size,
+                                               progress=progress) for acfg in acfgs]
+                trained = train_index(
+                    [rs.gallery for rs in refsets], index_settings(acfgs[0]),
+                    n_particles=len(rows), device=resolve_device(config.device),
+                    ctf_disc_pool=None if ctf is None or config.ctf_mode != "reference" else
+                    reference_ctf_pool(ctf.subset(rows), refsets[0].disc, acfgs[0],
+                                       pixel_size_angstrom=pixel_size),
+                )
+                for r in range(reps):
                     res = align_particles(
-                        table, images, MapData(ref_map, pixel_size, references[c].path), acfg,
+                        table, images, refsets[r], acfgs[r],
                         rows=rows,
                         initial_shift_yx_px=None if it == 1 else shifts_prev[rows],
                         local_resolution_angstrom=t_align,
+                        trained_index=trained,
                         progress=progress,
                     )
                     for step, sec in res.timings.items():
                         timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
                     d = res.distance[:, 0]
-                    better = d < best_d
-                    best_d[better] = d[better]
+                    better = d < best_d[r]
+                    best_d[r, better] = d[better]
                     euler_all[rows[better], r] = res.euler_deg[better, 0]
                     shift_all[rows[better], r] = res.shift_yx_px[better, 0]
                     class_all[rows[better], r] = c
+                del refsets, trained
         timings["align"] = time.perf_counter() - t_step
         t_step = time.perf_counter()
         cons = consensus(euler_all, shift_all, class_all, symmetry_group=group,

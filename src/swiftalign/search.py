@@ -1,6 +1,10 @@
 """Nearest-neighbour search of particles in the reference set (FAISS).
 
-Two paths share one interface, :func:`search_gallery`:
+Three separable steps, used by ``align``, ``index build``, streaming, the Dask
+path and refinement alike: :func:`train_index` (nothing for ``Flat``),
+:func:`populate_index` (a copy of the trained index filled with one gallery,
+``nprobe`` tuned) and :func:`query_index`; :func:`search_gallery` chains them.
+Two kinds of search:
 
 - ``Flat``: exact exhaustive search. The reference set is regenerated block by
   block from the rotated gallery (:class:`~swiftalign.gallery.Gallery`), each
@@ -23,7 +27,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +43,12 @@ __all__ = [
     "auto_index_factory",
     "ivfpq_factory",
     "search_gallery",
+    "resolve_factory",
+    "PopulatedIndex",
+    "TrainedIndex",
+    "train_index",
+    "populate_index",
+    "query_index",
     "merge_topk",
     "rescore",
     "validate_factory",
@@ -105,6 +116,8 @@ class IndexSettings:
         Training vectors (default from the factory).
     seed : int
         Seed for training-set augmentation.
+    gpu_float16 : bool
+        FAISS on the GPU stores codes / lookup tables in float16 (large indexes).
     """
 
     factory: str = "auto"
@@ -114,6 +127,7 @@ class IndexSettings:
     max_memory_bytes: int = 2 * 1024**3
     n_train: int | None = None
     seed: int = 0
+    gpu_float16: bool = False
 
 
 def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -> str:
@@ -352,7 +366,10 @@ class TrainedIndex:
     dim : int
         Search-vector length before padding.
     device : str
-        ``cpu`` or ``cuda`` (GPU FAISS when available).
+        ``cpu`` or ``cuda`` (GPU FAISS when faiss-gpu is installed; otherwise
+        the index stays on the CPU, with a warning).
+    gpu_float16 : bool
+        On the GPU, store IVF codes / lookup tables in float16 (large indexes).
 
     Raises
     ------
@@ -360,7 +377,8 @@ class TrainedIndex:
         When FAISS rejects the factory string.
     """
 
-    def __init__(self, factory: str, dim: int, *, device: str = "cpu") -> None:
+    def __init__(self, factory: str, dim: int, *, device: str = "cpu",
+                 gpu_float16: bool = False) -> None:
         import faiss
 
         self.factory = factory
@@ -374,13 +392,73 @@ class TrainedIndex:
                 f"{self.padded_dim} components ({_faiss_reason(exc)})"
             ) from None
         self._configure_training()
-        self.device = device
-        if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
-            self._gpu_res = faiss.StandardGpuResources()
-            try:
-                self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
-            except Exception as exc:  # some index types have no GPU version
-                log.warning("FAISS index %s stays on CPU: %s", factory, exc)
+        self.device = "cpu"
+        self.gpu_float16 = gpu_float16
+        self.to_device(device)
+
+    @classmethod
+    def from_faiss(cls, index, factory: str, dim: int, *, device: str = "cpu",
+                   gpu_float16: bool = False) -> TrainedIndex:
+        """Wrap an existing (CPU) FAISS index, e.g. one read back from a file."""
+        self = cls.__new__(cls)
+        self.factory = factory
+        self.dim = dim
+        self.padded_dim = int(index.d)
+        self.index = index
+        self._parts = []
+        self.device = "cpu"
+        self.gpu_float16 = gpu_float16
+        self.to_device(device)
+        return self
+
+    def to_device(self, device: str) -> None:
+        """Move the index to the GPU for ``cuda`` devices when faiss-gpu is installed.
+
+        Without faiss-gpu (or for index types with no GPU version) the index
+        stays on the CPU and a warning says so; torch work stays on ``device``.
+        """
+        import faiss
+
+        if not device.startswith("cuda") or self.device.startswith("cuda"):
+            return
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+            warnings.warn(
+                "faiss-gpu is not installed (or sees no GPU): the FAISS index stays on the CPU "
+                "(FFTs, rotations and phase ramps still run on the GPU)", stacklevel=2,
+            )
+            return
+        gpu = int(device.split(":")[1]) if ":" in device else 0
+        self._gpu_res = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = bool(self.gpu_float16)
+        try:
+            self.index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, self.index, options)
+            self.device = device
+        except Exception as exc:  # some index types have no GPU version
+            warnings.warn(f"FAISS index {self.factory} stays on the CPU: {exc}", stacklevel=2)
+
+    def cpu_index(self):
+        """The index on the CPU (a copy when it lives on the GPU)."""
+        import faiss
+
+        if self.device.startswith("cuda"):
+            return faiss.index_gpu_to_cpu(self.index)
+        return self.index
+
+    def serialize(self) -> np.ndarray:
+        """The index as FAISS serialises it (`(n_bytes,)` uint8)."""
+        import faiss
+
+        return faiss.serialize_index(self.cpu_index())
+
+    def empty_copy(self) -> TrainedIndex:
+        """A copy of the trained index without its vectors (to populate another gallery)."""
+        import faiss
+
+        copy = faiss.deserialize_index(self.serialize())
+        copy.reset()
+        return TrainedIndex.from_faiss(copy, self.factory, self.dim, device=self.device,
+                                       gpu_float16=self.gpu_float16)
 
     def _configure_training(self) -> None:
         """Turn off polysemous training (unused here, 15x the PQ training time)
@@ -447,16 +525,7 @@ class TrainedIndex:
 
     def bytes_per_pose(self) -> float:
         """Serialised index size over its number of vectors."""
-        import faiss
-
-        index = self.index
-        if hasattr(faiss, "index_gpu_to_cpu") and self.device.startswith("cuda"):
-            try:
-                index = faiss.index_gpu_to_cpu(index)
-            except Exception:
-                pass
-        n = max(1, index.ntotal)
-        return float(faiss.serialize_index(index).nbytes) / n
+        return float(self.serialize().nbytes) / max(1, self.index.ntotal)
 
 
 def validate_factory(factory: str, dim: int) -> None:
@@ -465,6 +534,312 @@ def validate_factory(factory: str, dim: int) -> None:
     if f in ("flat", "auto", "ivfpq"):
         return
     TrainedIndex(factory, dim)
+
+
+def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None) -> str:
+    """The FAISS factory string that ``auto``, ``ivfpq`` or ``Flat`` stands for.
+
+    Parameters
+    ----------
+    factory : str
+        As given by the user (``auto``, ``ivfpq``, ``Flat`` or a FAISS string).
+    n_poses, dim : int
+        Reference-set size and search-vector length.
+    n_particles : int, optional
+        Particles to align (``None``: unknown, e.g. an index built for reuse).
+
+    Returns
+    -------
+    str
+        ``Flat`` for the exact search, else a FAISS factory string.
+    """
+    f = factory.strip().lower()
+    if f == "auto":
+        return auto_index_factory(n_poses, dim, n_particles)
+    if f == "ivfpq":
+        return ivfpq_factory(n_poses, dim)
+    if f == "flat":
+        return "Flat"
+    return factory
+
+
+@dataclass
+class PopulatedIndex:
+    """A reference set ready to be queried: exact (streamed) or a populated FAISS index.
+
+    Attributes
+    ----------
+    gallery : Gallery
+        The reference set whose pose ids the index returns.
+    factory : str
+        ``Flat`` (exact search over regenerated vectors) or the FAISS factory string.
+    trained : TrainedIndex or None
+        The populated FAISS index (``None`` for ``Flat``).
+    ctf_disc : torch.Tensor or None
+        `(n_coeff,)` CTF applied to the references (reference CTF mode), else ``None``.
+    nprobe : int or None
+        IVF lists visited (tuned or given).
+    recall : float or None
+        Recall of the exact neighbour at ``nprobe`` on held-out vectors (1 for ``Flat``).
+    timings : dict
+        Seconds spent in ``train``, ``populate`` and ``tune``.
+    """
+
+    gallery: Gallery
+    factory: str
+    trained: TrainedIndex | None
+    ctf_disc: torch.Tensor | None = None
+    nprobe: int | None = None
+    recall: float | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Whether queries are answered by the exact streamed search."""
+        return self.trained is None
+
+    def bytes_per_pose(self) -> float:
+        """Index memory per reference pose (0 for the exact search)."""
+        return 0.0 if self.trained is None else self.trained.bytes_per_pose()
+
+
+def train_index(
+    galleries: Gallery | Sequence[Gallery],
+    settings: IndexSettings,
+    *,
+    n_particles: int | None = None,
+    ctf_disc_pool: torch.Tensor | None = None,
+    device: str = "cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TrainedIndex | None:
+    """Train a FAISS index on augmented references (thesis §4.1), or nothing for ``Flat``.
+
+    Several galleries (e.g. the differently perturbed reference sets of the
+    repetitions of a refinement iteration) are pooled: the training vectors are
+    drawn from each of them in equal parts, so one trained index serves all.
+
+    Parameters
+    ----------
+    galleries : Gallery or sequence of Gallery
+        Reference sets of the same disc and sampling (the first one sizes the index).
+    settings : IndexSettings
+        Factory (``auto``/``ivfpq`` resolved with :func:`resolve_factory`),
+        ``n_train`` and ``seed``.
+    n_particles : int, optional
+        Particles to be aligned (for ``auto``).
+    ctf_disc_pool : torch.Tensor, optional
+        `(p, n_coeff)` CTFs drawn at random to augment training vectors.
+    device : str
+        ``cpu`` or ``cuda``.
+    progress : callable, optional
+        ``progress(step_name, done, total)``.
+
+    Returns
+    -------
+    TrainedIndex or None
+        ``None`` when the factory resolves to ``Flat`` (nothing to train).
+
+    Raises
+    ------
+    ValueError
+        Invalid factory string or one that cannot be trained on these vectors.
+    """
+    pool = [galleries] if isinstance(galleries, Gallery) else list(galleries)
+    first = pool[0]
+    factory = resolve_factory(settings.factory, first.n_poses, first.disc.dim, n_particles)
+    if factory == "Flat":
+        return None
+    rng = np.random.default_rng(settings.seed)
+    t0 = time.perf_counter()
+    index = TrainedIndex(factory, first.disc.dim, device=device,
+                         gpu_float16=settings.gpu_float16)
+    ivf = index.ivf
+    nlist = int(ivf.nlist) if ivf is not None else 0
+    n_train = settings.n_train or int(
+        min(sum(g.n_poses for g in pool), max(40 * max(nlist, 1), 20_000), 200_000)
+    )
+    parts = np.full(len(pool), n_train // len(pool))
+    parts[: n_train % len(pool)] += 1
+    train = torch.cat([_augmented_vectors(g, int(m), rng, ctf_disc_pool)
+                       for g, m in zip(pool, parts, strict=True) if m > 0])
+    if progress is not None:
+        progress("train index", 0, len(train))
+    index.train(train)
+    if progress is not None:
+        progress("train index", len(train), len(train))
+    index.train_seconds = time.perf_counter() - t0
+    log.debug("trained %s on %d vectors from %d reference sets in %.1f s", factory,
+              len(train), len(pool), index.train_seconds)
+    return index
+
+
+def populate_index(
+    trained: TrainedIndex | None,
+    gallery: Gallery,
+    settings: IndexSettings,
+    *,
+    ctf_disc: torch.Tensor | None = None,
+    ctf_disc_pool: torch.Tensor | None = None,
+    nprobe: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PopulatedIndex:
+    """Add every reference of a gallery to (a copy of) a trained index and tune ``nprobe``.
+
+    Parameters
+    ----------
+    trained : TrainedIndex or None
+        From :func:`train_index`; left untouched (an empty copy is populated),
+        so it can be populated again with another gallery. ``None``: exact search.
+    gallery : Gallery
+        Reference set, added block by block within ``settings.max_memory_bytes``.
+    settings : IndexSettings
+        ``nprobe``, ``target_recall``, ``rerank``, memory budget, seed.
+    ctf_disc : torch.Tensor, optional
+        `(n_coeff,)` CTF applied to every reference (one reference CTF group).
+    ctf_disc_pool : torch.Tensor, optional
+        `(p, n_coeff)` CTFs for held-out tuning vectors (when ``ctf_disc`` is None).
+    nprobe : int, optional
+        Use this ``nprobe`` instead of tuning (``settings.nprobe`` wins over it).
+    progress : callable, optional
+        ``progress(step_name, done, total)``.
+
+    Returns
+    -------
+    PopulatedIndex
+    """
+    if trained is None:
+        return PopulatedIndex(gallery, "Flat", None, ctf_disc, None, 1.0,
+                              {"train": 0.0, "populate": 0.0, "tune": 0.0})
+    timings = {"train": float(getattr(trained, "train_seconds", 0.0))}
+    budget = settings.max_memory_bytes
+    t0 = time.perf_counter()
+    index = trained.empty_copy()
+    step = _block_images(gallery, budget, 0)
+    for start in range(0, gallery.n_images, step):
+        stop = min(gallery.n_images, start + step)
+        vecs, _ = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
+        index.add(vecs)
+        if progress is not None:  # counted in reference poses: the bars show poses/s
+            progress("populate index", stop * gallery.n_shifts, gallery.n_poses)
+    timings["populate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ivf = index.ivf
+    recall = None
+    if ivf is None:
+        nprobe_used = None
+    elif settings.nprobe is not None or nprobe is not None:
+        nprobe_used = int(settings.nprobe if settings.nprobe is not None else nprobe)
+    else:
+        nprobe_used, recall = _tune_nprobe(index, gallery, settings, ctf_disc, ctf_disc_pool)
+    if nprobe_used is not None:
+        index.set_nprobe(nprobe_used)
+    timings["tune"] = time.perf_counter() - t0
+    return PopulatedIndex(gallery, index.factory, index, ctf_disc, nprobe_used, recall, timings)
+
+
+def _tune_nprobe(
+    index: TrainedIndex,
+    gallery: Gallery,
+    settings: IndexSettings,
+    ctf_disc: torch.Tensor | None,
+    ctf_disc_pool: torch.Tensor | None,
+) -> tuple[int, float]:
+    """Smallest power-of-two ``nprobe`` whose ``rerank`` candidates hold the exact
+    neighbour of held-out augmented references at ``target_recall``."""
+    rng = np.random.default_rng([settings.seed, 1])
+    pool = ctf_disc[None] if ctf_disc is not None else ctf_disc_pool
+    held = _augmented_vectors(gallery, 256, rng, pool)
+    _, exact_i = _exact_search(gallery, held, 1, ctf_disc=ctf_disc,
+                               budget=settings.max_memory_bytes)
+    exact_i = exact_i[:, 0].cpu()
+    nlist = int(index.ivf.nlist)
+    nprobe = 1
+    while True:
+        index.set_nprobe(nprobe)
+        _, cand = index.search(held, max(1, settings.rerank))
+        recall = float((cand == exact_i[:, None]).any(dim=1).float().mean())
+        if recall >= settings.target_recall or nprobe >= nlist:
+            break
+        nprobe = min(nlist, nprobe * 2)
+    if recall < settings.target_recall:
+        log.warning(
+            "index %s reaches only recall %.3f of the exact neighbour at nprobe %d (target "
+            "%.2f): raise --rerank or use longer codes",
+            index.factory, recall, nprobe, settings.target_recall,
+        )
+    else:
+        log.info("nprobe %d reaches recall %.3f of the exact neighbour", nprobe, recall)
+    return nprobe, recall
+
+
+def query_index(
+    index: PopulatedIndex,
+    queries: torch.Tensor,
+    *,
+    k: int = 1,
+    settings: IndexSettings,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SearchResult:
+    """The ``k`` nearest reference poses of every particle in a populated index.
+
+    Exact (``Flat``): every reference is regenerated block by block and scored.
+    FAISS: ``max(k, settings.rerank)`` candidates per particle, re-scored
+    exactly from their regenerated vectors (:func:`rescore`). Each particle's
+    result depends only on that particle (queries may be split in any chunks).
+
+    Parameters
+    ----------
+    index : PopulatedIndex
+        From :func:`populate_index`.
+    queries : torch.Tensor
+        `(n_particles, dim)` prepared particle vectors.
+    k : int
+        Matches per particle.
+    settings : IndexSettings
+        ``rerank``, ``nprobe`` (overrides the tuned one) and memory budget.
+    progress : callable, optional
+        ``progress(step_name, done, total)``.
+
+    Returns
+    -------
+    SearchResult
+    """
+    gallery = index.gallery
+    budget = settings.max_memory_bytes
+    timings = {"train": 0.0, "populate": 0.0, "tune": 0.0, **index.timings}
+    t0 = time.perf_counter()
+    if index.exact:
+        done = [0]
+
+        def cb(m: int) -> None:
+            done[0] += m
+            if progress is not None:
+                progress("search (exact)", done[0] * gallery.n_shifts, gallery.n_poses)
+
+        d, i = _exact_search(gallery, queries, k, ctf_disc=index.ctf_disc, budget=budget,
+                             progress=cb)
+        timings["query"] = time.perf_counter() - t0
+        return SearchResult(d.cpu().numpy(), i.cpu().numpy().astype(np.int64), timings, None,
+                            1.0, bytes_per_pose=0.0, factory="Flat")
+    nprobe = index.nprobe
+    if settings.nprobe is not None and index.trained.ivf is not None:
+        nprobe = int(settings.nprobe)
+        index.trained.set_nprobe(nprobe)
+    out_d, out_i = [], []
+    n = queries.shape[0]
+    for start in range(0, n, _QUERY_BLOCK):  # blocks: progress, bounded memory
+        sub = queries[start : start + _QUERY_BLOCK]
+        _, cand = index.trained.search(sub, max(k, settings.rerank))
+        d, i = rescore(gallery, sub, cand, k, ctf_disc=index.ctf_disc, budget=budget)
+        out_d.append(d.cpu().numpy())
+        out_i.append(i.cpu().numpy().astype(np.int64))
+        if progress is not None:
+            progress("query index", min(n, start + _QUERY_BLOCK), n)
+    timings["query"] = time.perf_counter() - t0
+    return SearchResult(
+        np.concatenate(out_d), np.concatenate(out_i), timings, nprobe, index.recall,
+        bytes_per_pose=index.bytes_per_pose(), factory=index.factory,
+    )
 
 
 def search_gallery(
@@ -476,9 +851,13 @@ def search_gallery(
     ctf_groups: list[tuple[np.ndarray, torch.Tensor]] | None = None,
     ctf_disc_pool: torch.Tensor | None = None,
     device: str = "cpu",
+    trained: TrainedIndex | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SearchResult:
-    """Find the ``k`` nearest reference poses of every particle.
+    """Find the ``k`` nearest reference poses of every particle: train, populate, query.
+
+    :func:`train_index` (unless ``trained`` is given), then for each CTF group
+    :func:`populate_index` and :func:`query_index`.
 
     Parameters
     ----------
@@ -498,6 +877,9 @@ def search_gallery(
         `(p, n_coeff)` CTFs drawn at random to augment training vectors.
     device : str
         ``cpu`` or ``cuda``.
+    trained : TrainedIndex, optional
+        An index already trained (e.g. once for all repetitions of a refinement
+        iteration); only populated and queried here.
     progress : callable, optional
         ``progress(step_name, done, total)``.
 
@@ -511,113 +893,26 @@ def search_gallery(
         Invalid factory string.
     """
     n = queries.shape[0]
-    factory = settings.factory
-    if factory.strip().lower() == "auto":
-        factory = auto_index_factory(gallery.n_poses, gallery.disc.dim, n)
-    elif factory.strip().lower() == "ivfpq":
-        factory = ivfpq_factory(gallery.n_poses, gallery.disc.dim)
+    if trained is None:
+        trained = train_index(gallery, settings, n_particles=n, ctf_disc_pool=ctf_disc_pool,
+                              device=device)
     groups = ctf_groups or [(np.arange(n), None)]
-    timings = {"train": 0.0, "populate": 0.0, "query": 0.0, "tune": 0.0}
     out_d = np.full((n, k), np.inf, dtype=np.float32)
     out_i = np.full((n, k), -1, dtype=np.int64)
-    budget = settings.max_memory_bytes
-
-    def report(step: str):
-        # counted in reference poses (images × shifts): the bars show poses/s
-        done = [0]
-
-        def cb(m: int) -> None:
-            done[0] += m
-            if progress is not None:
-                progress(step, done[0] * gallery.n_shifts, gallery.n_poses)
-
-        return cb
-
-    if factory.strip().lower() == "flat":
-        t0 = time.perf_counter()
-        for rows, ctf_disc in groups:
-            d, i = _exact_search(
-                gallery, queries[rows], k, ctf_disc=ctf_disc, budget=budget,
-                progress=report("search (exact)"),
-            )
-            out_d[rows], out_i[rows] = d.cpu().numpy(), i.cpu().numpy()
-        timings["query"] = time.perf_counter() - t0
-        return SearchResult(out_d, out_i, timings, None, 1.0, bytes_per_pose=0.0,
-                            factory="Flat")
-
-    rng = np.random.default_rng(settings.seed)
-    index = TrainedIndex(factory, gallery.disc.dim, device=device)
-    ivf = index.ivf
-    nlist = int(ivf.nlist) if ivf is not None else 0
-    n_train = settings.n_train or int(
-        min(gallery.n_poses, max(40 * max(nlist, 1), 20_000), 200_000)
-    )
-    t0 = time.perf_counter()
-    train = _augmented_vectors(gallery, n_train, rng, ctf_disc_pool)
-    if progress is not None:
-        progress("train index", 0, len(train))
-    index.train(train)
-    if progress is not None:
-        progress("train index", len(train), len(train))
-    del train
-    timings["train"] = time.perf_counter() - t0
-
-    n_cand = max(k, settings.rerank)
-    step = _block_images(gallery, budget, 0)
-    nprobe_used = None
-    recall = None
-    queried = 0
-    for gi, (rows, ctf_disc) in enumerate(groups):
-        t0 = time.perf_counter()
-        index.reset()
-        cb = report("populate index")
-        for start in range(0, gallery.n_images, step):
-            stop = min(gallery.n_images, start + step)
-            vecs, _ = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
-            index.add(vecs)
-            cb(stop - start)
-        timings["populate"] += time.perf_counter() - t0
-        if gi == 0:
-            t0 = time.perf_counter()
-            if ivf is not None and settings.nprobe is None:
-                held = _augmented_vectors(gallery, 256, rng, ctf_disc_pool)
-                if ctf_disc is not None:
-                    held = _augmented_vectors(gallery, 256, rng, ctf_disc[None])
-                _, exact_i = _exact_search(gallery, held, 1, ctf_disc=ctf_disc, budget=budget)
-                exact_i = exact_i[:, 0].cpu()
-                nprobe = 1
-                while True:
-                    index.set_nprobe(nprobe)
-                    _, cand = index.search(held, n_cand)
-                    recall = float((cand == exact_i[:, None]).any(dim=1).float().mean())
-                    if recall >= settings.target_recall or nprobe >= nlist:
-                        break
-                    nprobe = min(nlist, nprobe * 2)
-                nprobe_used = nprobe
-                if recall < settings.target_recall:
-                    log.warning(
-                        "index %s reaches only recall %.3f of the exact neighbour at nprobe "
-                        "%d (target %.2f): raise --rerank or use longer codes",
-                        factory, recall, nprobe, settings.target_recall,
-                    )
-                else:
-                    log.info("nprobe %d reaches recall %.3f of the exact neighbour",
-                             nprobe, recall)
-            elif ivf is not None:
-                nprobe_used = int(settings.nprobe)
-                index.set_nprobe(nprobe_used)
-            timings["tune"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for start in range(0, len(rows), _QUERY_BLOCK):  # blocks: progress, bounded memory
-            sub = rows[start : start + _QUERY_BLOCK]
-            _, cand = index.search(queries[sub], n_cand)
-            d, i = rescore(gallery, queries[sub], cand, k, ctf_disc=ctf_disc, budget=budget)
-            out_d[sub], out_i[sub] = d.cpu().numpy(), i.cpu().numpy()
-            queried += len(sub)
-            if progress is not None:
-                progress("query index", queried, n)
-        timings["query"] += time.perf_counter() - t0
-    return SearchResult(
-        out_d, out_i, timings, nprobe_used, recall,
-        bytes_per_pose=index.bytes_per_pose(), factory=factory,
-    )
+    timings = {"train": 0.0, "populate": 0.0, "query": 0.0, "tune": 0.0}
+    nprobe = recall = None
+    result = None
+    for rows, ctf_disc in groups:
+        populated = populate_index(trained, gallery, settings, ctf_disc=ctf_disc,
+                                   ctf_disc_pool=ctf_disc_pool, nprobe=nprobe, progress=progress)
+        if nprobe is None:
+            nprobe, recall = populated.nprobe, populated.recall
+        result = query_index(populated, queries[rows], k=k, settings=settings,
+                             progress=progress)
+        kk = result.ids.shape[1]
+        out_d[rows, :kk], out_i[rows, :kk] = result.distances, result.ids
+        for name in ("populate", "query", "tune"):
+            timings[name] += result.timings.get(name, 0.0)
+        timings["train"] = result.timings.get("train", 0.0)
+    return SearchResult(out_d, out_i, timings, nprobe, recall,
+                        bytes_per_pose=result.bytes_per_pose, factory=result.factory)

@@ -5,7 +5,9 @@ are given. Writes a RELION 3.1 STAR file keeping every input column, with
 rlnAngleRot/Tilt/Psi (°), rlnOriginXAngst/YAngst (Å) and rlnSwiftalignScore;
 next to it OUTPUT.log, OUTPUT_run.json (parameters, versions, machine, timings)
 and OUTPUT_angdist.png (viewing directions). `swiftalign report FOLDER` makes an
-HTML report of the folder.
+HTML report of the folder. With --index-file (from `swiftalign index build`) the
+index is only queried; then --watch DIR aligns STAR files as they appear, and
+--scheduler/--workers spread the particles over a Dask cluster.
 """
 
 from __future__ import annotations
@@ -34,15 +36,47 @@ from swiftalign.cli._common import (
 )
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
+#: align option → AlignConfig field fixed by an index file
+_INDEX_OPTIONS = {
+    "resolution": "resolution_angstrom", "symmetry": "symmetry",
+    "angular_step": "angular_step_deg", "psi_step": "psi_step_deg",
+    "shift_step": "shift_step_px", "max_shift": "max_shift_px", "ctf_mode": "ctf_mode",
+    "index": "index", "metric": "metric", "seed": "seed", "target_recall": "target_recall",
+}
+
 
 def align_command(
-    particles: Annotated[Path, typer.Argument(
-        help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file.")],
-    reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference map (.mrc), "
-                                            "same box and pixel size as the particles.")],
-    resolution: Annotated[float, typer.Option(help="Resolution limit Tmax (Å): sets the "
-                                              "comparison disc and the sampling.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output STAR file.")],
+    ctx: typer.Context,
+    particles: Annotated[Path | None, typer.Argument(
+        help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file; not with --watch.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", "-r", help="Reference map (.mrc), same box and pixel size as the "
+        "particles (or give --index-file).")] = None,
+    resolution: Annotated[float | None, typer.Option(
+        help="Resolution limit Tmax (Å): sets the comparison disc and the sampling "
+        "(stored in an --index-file).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output STAR file.")] = ...,
+    index_file: Annotated[Path | None, typer.Option(
+        help="Persisted index (`swiftalign index build`): no projection, no training; "
+        "resolution, sampling, symmetry, CTF mode and metric come from it.")] = None,
+    watch: Annotated[Path | None, typer.Option(
+        help="Align STAR files appearing in this folder (once complete) against --index-file, "
+        "appending to -o; processed files are recorded in OUTPUT_batches.json, so a restart "
+        "never re-aligns a batch. Stops after --watch-timeout idle seconds or when "
+        "DIR/swiftalign.stop exists.")] = None,
+    watch_timeout: Annotated[float | None, typer.Option(
+        help="Stop watching after this many seconds without a new batch (default: only "
+        "DIR/swiftalign.stop stops).")] = None,
+    watch_interval: Annotated[float, typer.Option(
+        help="Seconds between folder scans (a file is complete when its size and its "
+        "stacks' sizes are unchanged over one interval).")] = 2.0,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address (tcp://host:8786): chunks of particles are aligned on "
+        "its workers against --index-file.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Without --scheduler: a local Dask cluster of this many worker processes.")] = None,
+    chunk_size: Annotated[int, typer.Option(
+        help="Particles per Dask task.")] = 1000,
     symmetry: Annotated[str, typer.Option(
         help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
     angular_step: Annotated[float | None, typer.Option(
@@ -75,6 +109,8 @@ def align_command(
     local_rounds: Annotated[int, typer.Option(
         help="Rounds of local refinement around the best match (0: off).")] = 2,
     device: DeviceOption = "cpu",
+    gpu_fp16: Annotated[bool, typer.Option(
+        help="FAISS on the GPU stores codes/lookup tables in float16 (large indexes).")] = False,
     max_memory: MaxMemoryOption = 2.0,
     angpix: AngpixOption = None,
     reference_angpix: ReferenceAngpixOption = None,
@@ -87,7 +123,6 @@ def align_command(
     from pydantic import ValidationError
 
     from swiftalign.alignment import AlignConfig, align_particles
-    from swiftalign.conventions import shift_px_to_origin_angstrom
     from swiftalign.io.mrc import read_map
     from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles, write_particles
@@ -95,53 +130,101 @@ def align_command(
     output = Path(output)
     setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
     t_start = time.perf_counter()
+    run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
+           "local_rounds": local_rounds, "device": device, "gpu_float16": gpu_fp16,
+           "max_memory_gb": max_memory}
     try:
-        config = AlignConfig(
-            resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
-            psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
-            ctf_mode=ctf_mode, index=index, nprobe=nprobe, target_recall=target_recall,
-            rerank=rerank, ctf_candidates=ctf_candidates, metric=metric, k=k,
-            local_rounds=local_rounds, device=device, max_memory_gb=max_memory, seed=seed,
-        )
+        if (particles is None) == (watch is None):
+            raise ValueError("give either a PARTICLES.star file or --watch DIR")
+        if (watch is not None or scheduler is not None or workers is not None) and not index_file:
+            flag = "--watch" if watch is not None else "--scheduler/--workers"
+            raise ValueError(f"{flag} needs --index-file (build one with `swiftalign index "
+                             "build`)")
+        if watch is not None and (scheduler is not None or workers is not None):
+            raise ValueError("--watch aligns in this process; leave out --scheduler/--workers")
+        if watch is not None and k > 1:
+            raise ValueError("-k > 1 is not supported with --watch")
+        if index_file is not None:
+            from swiftalign.index_file import read_manifest
+
+            if reference is not None:
+                raise ValueError(f"--reference and --index-file are exclusive: {index_file} "
+                                 "holds its reference map")
+            base = read_manifest(index_file)["config"]
+            given = {"resolution": resolution, "symmetry": symmetry,
+                     "angular_step": angular_step, "psi_step": psi_step,
+                     "shift_step": shift_step, "max_shift": max_shift, "ctf_mode": ctf_mode,
+                     "index": index, "metric": metric, "seed": seed,
+                     "target_recall": target_recall}
+            for option, name in _INDEX_OPTIONS.items():
+                source = ctx.get_parameter_source(option)
+                if getattr(source, "name", "") == "COMMANDLINE":
+                    value = given[option]
+                    if value != base[name]:
+                        raise ValueError(
+                            f"{index_file}: built with {name} = {base[name]!r}; --"
+                            f"{option.replace('_', '-')} {value!r} differs (leave it out or "
+                            "rebuild the index)")
+            config = AlignConfig(**{**base, **run})
+        else:
+            if reference is None or resolution is None:
+                raise ValueError("give --reference and --resolution (or --index-file)")
+            config = AlignConfig(
+                resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
+                psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
+                ctf_mode=ctf_mode, index=index, target_recall=target_recall, metric=metric,
+                seed=seed, **run,
+            )
         config.symmetry_checked()
-    except (ValidationError, ValueError) as exc:
+    except (ValidationError, *USER_ERRORS) as exc:
         fail(exc)
+    if watch is not None:
+        _watch(watch, index_file, config, output, angpix=angpix,
+               max_bad_fraction=max_bad_fraction, timeout_s=watch_timeout,
+               interval_s=watch_interval, quiet=quiet)
+        return
     try:
         if output.is_dir():
             raise ValueError(f"-o {output} is a folder; give a STAR file name")
         if output.resolve() == Path(particles).resolve():
             raise ValueError(f"-o {output} is the input STAR file; give another name")
         table = read_particles(particles, angpix=angpix)
-        ref = read_map(reference, voxel_size_angstrom=reference_angpix)
         table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
-        with progress_bars(quiet) as progress:
-            result = align_particles(table, images, ref, config, progress=progress)
-        images.close()
-        origin = shift_px_to_origin_angstrom(result.shift_yx_px, result.pixel_size_angstrom)
-        updates = {
-            "rlnAngleRot": result.euler_deg[:, 0, 0],
-            "rlnAngleTilt": result.euler_deg[:, 0, 1],
-            "rlnAnglePsi": result.euler_deg[:, 0, 2],
-            "rlnOriginXAngst": origin[:, 0, 0],
-            "rlnOriginYAngst": origin[:, 0, 1],
-            "rlnSwiftalignScore": result.score[:, 0],
-        }
-        write_particles(output, table, box_size=result.box_size, updates=updates)
+        if index_file is not None:
+            from swiftalign.alignment import check_reference_set
+            from swiftalign.index_file import read_header
+
+            check_reference_set(table, images, read_header(index_file), config)
+        if scheduler is not None or workers is not None:
+            from swiftalign.cluster import align_on_cluster
+
+            images.close()
+            with progress_bars(quiet) as progress:
+                result = align_on_cluster(table, index_file, config, scheduler=scheduler,
+                                          n_workers=workers or 1, chunk_size=chunk_size,
+                                          progress=progress)
+        else:
+            if index_file is not None:
+                from swiftalign.alignment import resolve_device
+                from swiftalign.index_file import load_reference_index
+
+                t0 = time.perf_counter()
+                ref = load_reference_index(index_file, device=resolve_device(config.device))
+                t_load = time.perf_counter() - t0
+            else:
+                ref = read_map(reference, voxel_size_angstrom=reference_angpix)
+            with progress_bars(quiet) as progress:
+                result = align_particles(table, images, ref, config, progress=progress)
+            if index_file is not None:
+                result.timings["index_load"] = t_load
+            images.close()
+        write_particles(output, table, box_size=result.box_size, updates=result.star_columns())
         if k > 1:
             kk = result.euler_deg.shape[1]
             expanded = table.subset(np.repeat(np.arange(len(table)), kk))
-            topk = {
-                "rlnAngleRot": result.euler_deg[..., 0].ravel(),
-                "rlnAngleTilt": result.euler_deg[..., 1].ravel(),
-                "rlnAnglePsi": result.euler_deg[..., 2].ravel(),
-                "rlnOriginXAngst": origin[..., 0].ravel(),
-                "rlnOriginYAngst": origin[..., 1].ravel(),
-                "rlnSwiftalignScore": result.score.ravel(),
-                "rlnSwiftalignRank": np.tile(np.arange(1, kk + 1), len(table)),
-            }
             write_particles(output.with_name(f"{output.stem}_top{kk}.star"), expanded,
-                            box_size=result.box_size, updates=topk)
-    except USER_ERRORS as exc:
+                            box_size=result.box_size, updates=result.topk_columns())
+    except (ImportError, *USER_ERRORS) as exc:
         fail(exc)
     angdist = output.with_name(output.stem + "_angdist.png")
     try:
@@ -158,12 +241,14 @@ def align_command(
         command="align",
         device=device,
         parameters=config.model_dump(),
-        inputs={"particles": str(particles), "reference": str(reference)},
+        inputs={"particles": str(particles), "reference": str(reference),
+                "index_file": str(index_file) if index_file else None,
+                "scheduler": scheduler, "workers": workers},
         outputs={"particles": str(output.resolve()), "angular_distribution": str(angdist),
                  "log": str(output.with_name(output.stem + ".log"))},
         sampling=vars(s),
-        index={"nprobe": result.search.nprobe, "recall": result.search.recall,
-               "bytes_per_pose": result.search.bytes_per_pose},
+        index={"factory": result.search.factory, "nprobe": result.search.nprobe,
+               "recall": result.search.recall, "bytes_per_pose": result.search.bytes_per_pose},
         timings_s={**result.timings, "wall": wall},
         n_particles=len(table),
     )
@@ -174,3 +259,27 @@ def align_command(
             f"(ΔΦ {s.angular_step_deg:.2f}°, Δs {s.shift_step_px:.2f} px) in {wall:.1f} s "
             f"→ {output}"
         )
+
+
+def _watch(folder: Path, index_file: Path, config, output: Path, *, angpix, max_bad_fraction,
+           timeout_s, interval_s, quiet) -> None:
+    """``--watch``: align STAR files as they appear, with a running summary."""
+    from swiftalign.watch import FolderWatcher, align_stream
+
+    def report(b) -> None:
+        if not quiet:
+            console.print(b.describe())
+
+    try:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--watch {folder}: no such folder")
+        if output.is_dir():
+            raise ValueError(f"-o {output} is a folder; give a STAR file name")
+        watcher = FolderWatcher(folder, interval_s=interval_s, idle_timeout_s=timeout_s,
+                                exclude=[output], angpix=angpix)
+        summary = align_stream(watcher, index_file, config, output, angpix=angpix,
+                               max_bad_fraction=max_bad_fraction, on_batch=report)
+    except USER_ERRORS as exc:
+        fail(exc)
+    if not quiet:
+        console.print(summary.describe())

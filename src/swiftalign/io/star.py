@@ -35,7 +35,15 @@ import starfile
 from swiftalign.errors import StarFileError
 from swiftalign.io.mrc import atomic_path
 
-__all__ = ["ParticleTable", "read_particles", "write_particles", "parse_image_name"]
+__all__ = [
+    "ParticleTable",
+    "read_particles",
+    "write_particles",
+    "particle_blocks",
+    "merge_particle_blocks",
+    "write_star_blocks",
+    "parse_image_name",
+]
 
 _OPTICS_FIELDS = {
     "rlnVoltage": "voltage_kv",
@@ -495,6 +503,108 @@ def _rebase_image_names(names: pd.Series, source_dir: Path, target_dir: Path) ->
     return names.map(rebase)
 
 
+def particle_blocks(
+    path: str | Path,
+    table: ParticleTable,
+    *,
+    box_size: int,
+    updates: dict[str, np.ndarray] | None = None,
+    keep: np.ndarray | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The STAR blocks :func:`write_particles` writes to ``path`` (``optics``, ``particles``,
+    any other input blocks), without writing them.
+
+    Raises
+    ------
+    ValueError
+        Non-finite values in a numeric column.
+    """
+    path = Path(path)
+    particles = table.particles.copy()
+    if "rlnImageName" in particles:
+        particles["rlnImageName"] = _rebase_image_names(
+            particles["rlnImageName"].astype(str), table.path.parent, path.parent
+        )
+    optics, groups = _optics_for_output(table, box_size)
+    particles["rlnOpticsGroup"] = groups
+    for name, values in (updates or {}).items():
+        particles[name] = np.asarray(values)
+    if updates and "rlnOriginXAngst" in updates:
+        particles = particles.drop(columns=["rlnOriginX", "rlnOriginY"], errors="ignore")
+    if keep is not None:
+        particles = particles[np.asarray(keep, bool)].reset_index(drop=True)
+    for col in particles.columns:
+        if particles[col].dtype.kind == "f":
+            if not np.isfinite(particles[col].to_numpy()).all():
+                raise ValueError(f"refusing to write non-finite values in column {col}")
+    blocks = {"optics": optics, "particles": particles}
+    for name, block in table.other_blocks.items():
+        blocks.setdefault(name, block)
+    return blocks
+
+
+def write_star_blocks(path: str | Path, blocks: dict[str, pd.DataFrame]) -> None:
+    """Write STAR blocks atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        starfile.write(blocks, tmp, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def merge_particle_blocks(
+    parts: list[tuple[pd.DataFrame, pd.DataFrame]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate several (optics, particles) block pairs into one pair.
+
+    Optics groups with identical optics (every column but the group number and
+    name) are merged; others get new group numbers, and the particles'
+    ``rlnOpticsGroup`` follows. Particle columns missing from some parts are
+    dropped (with a warning), so that every row has every column.
+
+    Parameters
+    ----------
+    parts : list of (pd.DataFrame, pd.DataFrame)
+        Optics and particle blocks as :func:`particle_blocks` makes them.
+
+    Returns
+    -------
+    (pd.DataFrame, pd.DataFrame)
+        One optics block and one particle block, rows in the order given.
+    """
+    groups: dict[tuple, int] = {}
+    optics_rows: list[pd.Series] = []
+    out: list[pd.DataFrame] = []
+    for optics, particles in parts:
+        mapping = {}
+        for _, row in optics.iterrows():
+            key = tuple(sorted((c, str(row[c])) for c in optics.columns
+                               if c not in ("rlnOpticsGroup", "rlnOpticsGroupName")))
+            if key not in groups:
+                groups[key] = len(groups) + 1
+                new = row.copy()
+                new["rlnOpticsGroup"] = groups[key]
+                if "rlnOpticsGroupName" in new:
+                    new["rlnOpticsGroupName"] = f"opticsGroup{groups[key]}"
+                optics_rows.append(new)
+            mapping[int(row["rlnOpticsGroup"])] = groups[key]
+        p = particles.copy()
+        p["rlnOpticsGroup"] = p["rlnOpticsGroup"].astype(int).map(mapping)
+        out.append(p)
+    common = [c for c in out[0].columns if all(c in p for p in out)]
+    dropped = sorted({c for p in out for c in p.columns} - set(common))
+    if dropped:
+        warnings.warn(f"columns not in every batch are left out: {', '.join(dropped)}",
+                      stacklevel=2)
+    optics = pd.DataFrame(optics_rows).reset_index(drop=True)
+    optics["rlnOpticsGroup"] = optics["rlnOpticsGroup"].astype(int)
+    particles = pd.concat([p[common] for p in out], ignore_index=True)
+    return optics, particles
+
+
 def write_particles(
     path: str | Path,
     table: ParticleTable,
@@ -524,31 +634,5 @@ def write_particles(
     keep : np.ndarray, optional
         `(n,)` bool mask of particles to write.
     """
-    path = Path(path)
-    particles = table.particles.copy()
-    if "rlnImageName" in particles:
-        particles["rlnImageName"] = _rebase_image_names(
-            particles["rlnImageName"].astype(str), table.path.parent, path.parent
-        )
-    optics, groups = _optics_for_output(table, box_size)
-    particles["rlnOpticsGroup"] = groups
-    for name, values in (updates or {}).items():
-        particles[name] = np.asarray(values)
-    if updates and "rlnOriginXAngst" in updates:
-        particles = particles.drop(columns=["rlnOriginX", "rlnOriginY"], errors="ignore")
-    if keep is not None:
-        particles = particles[np.asarray(keep, bool)].reset_index(drop=True)
-    for col in particles.columns:
-        if particles[col].dtype.kind == "f":
-            if not np.isfinite(particles[col].to_numpy()).all():
-                raise ValueError(f"refusing to write non-finite values in column {col}")
-    blocks = {"optics": optics, "particles": particles}
-    for name, block in table.other_blocks.items():
-        blocks.setdefault(name, block)
-    tmp = atomic_path(path)
-    try:
-        starfile.write(blocks, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_star_blocks(path, particle_blocks(path, table, box_size=box_size, updates=updates,
+                                            keep=keep))

@@ -1,0 +1,347 @@
+"""Persisted reference index (``.swidx``): build once, align any number of datasets.
+
+One file, a zip container (stored, not compressed; zip CRCs catch corruption):
+
+- ``manifest.json``: ``format`` = ``swiftalign-index``, ``format_version``, the
+  swiftalign version that wrote it, the :class:`~swiftalign.alignment.AlignConfig`
+  it was built with (resolution, symmetry, steps, shifts, CTF mode, metric,
+  factory, seed …), pixel size (Å/px), box (px), sampling counts, the resolved
+  FAISS factory, tuned ``nprobe`` and its recall, build timings, the map's path
+  and SHA-256;
+- ``reference.npy``: the `(N, N, N)` float32 reference map (CTF re-scoring and
+  the local search need it);
+- ``rot_tilt_deg.npy``, ``psi_deg.npy``, ``shifts_yx_px.npy``: the pose table
+  (pose id → rot, tilt, psi, shift, see :mod:`swiftalign.gallery`);
+- ``gallery_coeffs.npy``: `(n_images, n_coeff)` complex64 rotated-gallery
+  coefficients (candidates are regenerated from them for exact re-scoring);
+- ``faiss.index``: the trained and populated FAISS index
+  (``faiss.serialize_index``); absent for the exact (``Flat``) search, which
+  needs only the gallery.
+
+Only CTF modes that do not depend on the particles can be persisted
+(``wiener``, ``none``); ``reference`` populates the index per defocus group of
+the particles and is refused at build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import swiftalign
+from swiftalign.errors import InputError
+
+__all__ = [
+    "INDEX_FORMAT",
+    "INDEX_FORMAT_VERSION",
+    "save_reference_index",
+    "load_reference_index",
+    "load_reference_index_cached",
+    "read_manifest",
+    "read_header",
+    "IndexHeader",
+]
+
+INDEX_FORMAT = "swiftalign-index"
+#: Version of the file layout; files with a newer version are refused.
+INDEX_FORMAT_VERSION = 1
+
+_ARRAYS = ("reference", "rot_tilt_deg", "psi_deg", "shifts_yx_px", "gallery_coeffs")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def save_reference_index(path: str | Path, refset) -> dict:
+    """Write a reference set with its populated index to one file, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file (``.swidx`` by convention); written under a temporary name,
+        then renamed.
+    refset : swiftalign.alignment.ReferenceSet
+        Built with ``populate=True`` (:func:`~swiftalign.alignment.build_reference_set`).
+
+    Returns
+    -------
+    dict
+        The manifest written.
+
+    Raises
+    ------
+    ValueError
+        When ``refset`` has no populated index, or CTF mode ``reference``.
+    """
+    from swiftalign.io.mrc import atomic_path
+
+    if refset.index is None:
+        raise ValueError("the reference set has no populated index (build it with populate=True)")
+    if refset.config.ctf_mode == "reference":
+        raise ValueError("--ctf-mode reference cannot be persisted (its index depends on the "
+                         "particles' defocus groups)")
+    path = Path(path)
+    gallery = refset.gallery
+    index = refset.index
+    manifest = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "swiftalign_version": swiftalign.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": refset.config.model_dump(),
+        "pixel_size_angstrom": float(refset.pixel_size_angstrom),
+        "box_size": int(refset.box_size),
+        "sampling": dict(vars(refset.sampling)),
+        "n_poses": int(gallery.n_poses),
+        "n_coeff": int(gallery.disc.n_coeff),
+        "metric": gallery.metric,
+        "factory": index.factory,
+        "nprobe": index.nprobe,
+        "recall": index.recall,
+        "timings_s": refset.timings,
+        "reference": {"path": str(refset.reference.path),
+                      "sha256": _sha256(Path(refset.reference.path))},
+    }
+    arrays = {
+        "reference": np.asarray(refset.reference.data, dtype=np.float32),
+        "rot_tilt_deg": gallery.rot_tilt_deg,
+        "psi_deg": gallery.psi_deg,
+        "shifts_yx_px": gallery.shifts_yx_px,
+        "gallery_coeffs": gallery.coeffs.detach().cpu().numpy().astype(np.complex64),
+    }
+    tmp = atomic_path(path)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+            for name, arr in arrays.items():
+                zf.writestr(f"{name}.npy", _npy_bytes(arr))
+            if index.trained is not None:
+                zf.writestr("faiss.index", index.trained.serialize().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return manifest
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.exists():
+        raise InputError(f"{path}: no such index file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an index file")
+    try:
+        return zipfile.ZipFile(path, "r")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path}: not a swiftalign index file ({exc}); build one with "
+                         "`swiftalign index build`") from None
+
+
+def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
+    try:
+        manifest = json.loads(zf.read("manifest.json"))
+    except KeyError:
+        raise InputError(f"{path}: not a swiftalign index file (no manifest.json)") from None
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InputError(f"{path}: corrupt index file (manifest.json: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise InputError(f"{path}: not a swiftalign index file (format {fmt!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > INDEX_FORMAT_VERSION or version < 1:
+        raise InputError(
+            f"{path}: index format_version {version!r} is not supported by swiftalign "
+            f"{swiftalign.__version__} (reads 1 to {INDEX_FORMAT_VERSION}); rebuild the index"
+        )
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of an index file (validated, arrays not read).
+
+    Raises
+    ------
+    InputError
+        Missing file, not a zip container, no manifest, foreign format or newer version.
+    """
+    path = Path(path)
+    with _open_zip(path) as zf:
+        return _manifest(path, zf)
+
+
+@dataclass
+class IndexHeader:
+    """What an index file was built for, from its manifest alone (cheap checks before work).
+
+    Attributes
+    ----------
+    config : AlignConfig
+        Parameters it was built with.
+    pixel_size_angstrom : float
+        Pixel size (Å/px).
+    box_size : int
+        Box (px).
+    source : str
+        The file.
+    manifest : dict
+        The whole manifest.
+    """
+
+    config: object
+    pixel_size_angstrom: float
+    box_size: int
+    source: str
+    manifest: dict
+
+
+def read_header(path: str | Path) -> IndexHeader:
+    """The parameters of an index file without reading its arrays.
+
+    Raises
+    ------
+    InputError
+        See :func:`read_manifest`; a manifest without valid parameters.
+    """
+    from swiftalign.alignment import AlignConfig
+
+    manifest = read_manifest(path)
+    try:
+        return IndexHeader(AlignConfig(**manifest["config"]),
+                           float(manifest["pixel_size_angstrom"]), int(manifest["box_size"]),
+                           str(path), manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt index manifest ({exc})") from None
+
+
+def load_reference_index(path: str | Path, *, device: str = "cpu"):
+    """Read an index file back into a :class:`~swiftalign.alignment.ReferenceSet`.
+
+    Parameters
+    ----------
+    path : str or Path
+        File written by :func:`save_reference_index`.
+    device : str
+        ``cpu`` or ``cuda``: where the gallery tensors go (and the FAISS index
+        when faiss-gpu is installed).
+
+    Returns
+    -------
+    swiftalign.alignment.ReferenceSet
+        With its populated index (no training, no populating).
+
+    Raises
+    ------
+    InputError
+        Missing, foreign, newer-version or corrupt file (naming what is wrong).
+    """
+    from swiftalign.alignment import AlignConfig, ReferenceSet, Sampling
+    from swiftalign.fourier import make_disc
+    from swiftalign.gallery import Gallery
+    from swiftalign.io.mrc import MapData
+    from swiftalign.search import PopulatedIndex, TrainedIndex
+
+    path = Path(path)
+    with _open_zip(path) as zf:
+        manifest = _manifest(path, zf)
+        arrays = {}
+        try:
+            for name in _ARRAYS:
+                arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")), allow_pickle=False)
+            faiss_bytes = zf.read("faiss.index") if "faiss.index" in zf.namelist() else None
+        except KeyError as exc:
+            raise InputError(f"{path}: corrupt index file (missing {exc.args[0]})") from None
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise InputError(f"{path}: corrupt index file ({exc})") from None
+    try:
+        config = AlignConfig(**manifest["config"])
+        sampling = Sampling(**manifest["sampling"])
+        pixel_size = float(manifest["pixel_size_angstrom"])
+        box = int(manifest["box_size"])
+        factory = str(manifest["factory"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt index manifest ({exc})") from None
+    disc = make_disc(box, sampling.disc_radius_fftfreq, device=device)
+    coeffs = arrays["gallery_coeffs"]
+    n_images = sampling.n_directions * sampling.n_psi
+    if coeffs.shape != (n_images, disc.n_coeff) or arrays["reference"].shape != (box,) * 3:
+        raise InputError(
+            f"{path}: corrupt index file (gallery {coeffs.shape}, map "
+            f"{arrays['reference'].shape}; expected ({n_images}, {disc.n_coeff}) and {(box,) * 3})"
+        )
+    gallery = Gallery(
+        rot_tilt_deg=arrays["rot_tilt_deg"],
+        psi_deg=arrays["psi_deg"],
+        shifts_yx_px=arrays["shifts_yx_px"],
+        coeffs=torch.as_tensor(coeffs, device=device),
+        disc=disc,
+        metric=config.metric,
+    )
+    trained = None
+    if faiss_bytes is not None:
+        import faiss
+
+        try:
+            raw = faiss.deserialize_index(np.frombuffer(faiss_bytes, dtype=np.uint8).copy())
+        except RuntimeError as exc:
+            raise InputError(f"{path}: corrupt FAISS index ({exc})") from None
+        if raw.ntotal != gallery.n_poses:
+            raise InputError(f"{path}: corrupt index file (FAISS index holds {raw.ntotal} "
+                             f"vectors, the gallery {gallery.n_poses} poses)")
+        trained = TrainedIndex.from_faiss(raw, factory, disc.dim, device=device,
+                                          gpu_float16=config.gpu_float16)
+    elif factory != "Flat":
+        raise InputError(f"{path}: corrupt index file (factory {factory} but no faiss.index)")
+    populated = PopulatedIndex(gallery, factory, trained, None, manifest.get("nprobe"),
+                               manifest.get("recall"), {})
+    if trained is not None and populated.nprobe is not None:
+        trained.set_nprobe(populated.nprobe)
+    reference = MapData(arrays["reference"].astype(np.float32, copy=False), pixel_size, path)
+    return ReferenceSet(config, reference, pixel_size, box, sampling, disc, gallery, populated,
+                        source=str(path), timings={})
+
+
+_CACHE: dict[tuple, object] = {}
+#: Number of index files this process has read (the Dask tests check one per worker).
+load_count = 0
+
+
+def load_reference_index_cached(path: str | Path, *, device: str = "cpu"):
+    """:func:`load_reference_index`, once per process for an unchanged file.
+
+    Dask workers call this for every chunk of particles; the file is read only
+    the first time (keyed by resolved path, size, modification time and device).
+    """
+    global load_count
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return load_reference_index(p, device=device)  # raises the clear error
+    key = (str(p), st.st_size, st.st_mtime_ns, device)
+    if key not in _CACHE:
+        _CACHE.clear()  # one index per process at a time (memory)
+        _CACHE[key] = load_reference_index(p, device=device)
+        load_count += 1
+    return _CACHE[key]
