@@ -1,27 +1,33 @@
 """Direct Fourier inversion with CTF weighting (wrapping ``torch-fourier-slice`` insertion).
 
 ``V(k) = Σ_i CTF_i(k)·F_i(k) · w(k)`` over every particle and every
-symmetry-equivalent pose. Particles are padded twofold, shifted to the box
-centre with a Fourier phase ramp and inserted once each as central slices with
-the RELION matrices' transposes (as for projection), up to the original Nyquist
-frequency (RELION's ``r_max``). The two accumulators (data ``Σ CTF·F`` and weight
-``Σ CTF²``) are then symmetrised by trilinear interpolation at the
-symmetry-related frequencies, as RELION's ``BackProjector::symmetrise`` does, so
-the cost does not grow with the group order.
+symmetry-equivalent pose, computed the way RELION's ``relion_reconstruct``
+computes it (RELION 3.1 ``Reconstructor::backprojectOneParticle`` and
+``BackProjector``), so that a map we report can be reproduced with RELION from
+our STAR file:
 
-The weight ``w`` is either
+1. each particle's own transform (box ``N``, DC set to zero, shifted to the box
+   centre with a phase ramp, multiplied by its CTF; weight CTF²) is inserted
+   once, as a central slice on a twofold oversampled grid (frequency ``j/N`` at
+   sample ``2j``) up to the Nyquist frequency, by trilinear interpolation
+   (torch-fourier-slice, with the RELION matrices' transposes as for projection);
+2. the data and weight accumulators are symmetrised afterwards by trilinear
+   interpolation at the symmetry-related frequencies (``BackProjector::symmetrise``),
+   so the cost does not grow with the group order;
+3. weighting ``w``: ``"gridding"`` (default) is the iterative density
+   compensation of Pipe & Menon (1999, eq. 14) that RELION applies without a
+   prior: ``w ← w / max(|(w·W) ⊛ b|, 10⁻⁶)`` with ``W = Σ CTF²`` and ``b``
+   RELION's Kaiser–Bessel blob (radius 1.9 original = 3.8 oversampled voxels,
+   α = 15, order 0), ten iterations; ``"wiener"`` is
+   ``w = 1 / (W + λ)``, ``λ = regularisation × mean(W)`` over populated voxels;
+4. inverse transform, crop to the original box, soft spherical mask beyond
+   radius ``N/2`` (3-px raised cosine into the background mean,
+   RELION ``softMaskOutsideMap``), and the radial sinc² correction of trilinear
+   interpolation (RELION ``griddingCorrect``).
 
-- ``"gridding"`` (default): the iterative density compensation of Pipe & Menon
-  (1999, eq. 14) that RELION's ``relion_reconstruct`` applies without a prior
-  (``BackProjector::reconstruct``, ``--iter 10``): ``w ← w / max(|(w·W) ⊛ b|, ε)``
-  with ``W = Σ CTF²`` and ``b`` RELION's default Kaiser–Bessel blob (radius 1.9
-  original voxels = 3.8 voxels of the twofold padded grid, α = 15, order 0), ten
-  iterations; or
-- ``"wiener"``: ``w = 1 / (W + λ)`` with ``λ = regularisation × mean(W)`` over the
-  populated voxels.
-
-The real-space result is cropped to the original box and corrected for the
-trilinear-interpolation kernel (sinc²).
+Measured against RELION 3.1.3 ``relion_reconstruct --ctf --sym C4`` on the same
+particles and poses (TRPV1, 48 px): FSC ≥ 0.997 below Nyquist and 0.97–0.99 at
+Nyquist, also for pure-noise particles (tests/test_refinement.py).
 """
 from __future__ import annotations
 
@@ -30,9 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch_fourier_slice import insert_central_slices_rfft_3d_multichannel
-from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
 from swiftalign.conventions import centred_rfft2, euler_to_matrix
 from swiftalign.ctf import CtfParams, ctf_rfft2
@@ -224,26 +228,30 @@ def reconstruct(
     box = images.box_size if hasattr(images, "box_size") else images.shape[-1]
     padded = 2 * box
     p = box - box // 2  # keep the centre N//2 at the padded centre N
-    q = box // 2
     vol_shape = (padded, padded, padded)
     nyquist = padded // 2  # radius of the original Nyquist frequency, in padded-grid voxels
     mats = euler_to_matrix(euler_deg)
+    rows_2n = (2 * torch.fft.fftfreq(box, d=1.0 / box, device=device).long()) % padded
+    cols_2n = 2 * torch.arange(box // 2 + 1, device=device)
     acc = torch.zeros((2, padded, padded, padded // 2 + 1), dtype=torch.complex64, device=device)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         batch = images.read(rows[start:stop]) if hasattr(images, "read") else images[start:stop]
         img = torch.as_tensor(np.asarray(batch), device=device, dtype=torch.float32)
-        img = img - img.mean(dim=(-2, -1), keepdim=True)
-        img = F.pad(img, [p, q, p, q])
+        img = img - img.mean(dim=(-2, -1), keepdim=True)  # DC = 0, as RELION
         spec = centred_rfft2(img)
-        spec = spec * _shift_ramp(padded, torch.as_tensor(shift_yx_px[start:stop],
-                                                          device=device, dtype=torch.float32))
+        spec = spec * _shift_ramp(box, torch.as_tensor(shift_yx_px[start:stop], device=device,
+                                                       dtype=torch.float32))
         if ctf is not None:
             c = ctf_rfft2(ctf.subset(np.arange(start, stop)),
-                          pixel_size_angstrom=pixel_size_angstrom, box_size=padded, device=device)
+                          pixel_size_angstrom=pixel_size_angstrom, box_size=box, device=device)
         else:
             c = torch.ones(spec.shape, device=device)
-        chans = torch.stack([spec * c, (c * c).to(torch.complex64)], dim=1)  # (b, 2, h, w)
+        # frequency j/N of the particle's own transform is sample 2j of the padded grid
+        chans = torch.zeros((stop - start, 2, padded, padded // 2 + 1), dtype=torch.complex64,
+                            device=device)
+        chans[:, 0, rows_2n[:, None], cols_2n[None, :]] = spec * c
+        chans[:, 1, rows_2n[:, None], cols_2n[None, :]] = (c * c).to(torch.complex64)
         chans = torch.fft.fftshift(chans, dim=(-2,))
         rot = torch.as_tensor(mats[start:stop].transpose(0, 2, 1), dtype=torch.float32,
                               device=device)
@@ -270,6 +278,28 @@ def reconstruct(
     vol_ft = torch.fft.ifftshift(vol_ft, dim=(-3, -2))
     vol = torch.fft.irfftn(vol_ft, dim=(-3, -2, -1), s=vol_shape)
     vol = torch.fft.fftshift(vol, dim=(-3, -2, -1))
-    vol = vol / separable_sinc2_correction(vol_shape, device=vol.device)
     vol = vol[p : p + box, p : p + box, p : p + box]
+    vol = _soft_mask_outside(vol)
+    # trilinear-interpolation (gridding) correction, radial as RELION's griddingCorrect
+    r = _real_radius(box, vol.device) / padded
+    vol = vol / torch.sinc(r) ** 2
     return vol.cpu().numpy().astype(np.float32)
+
+
+def _real_radius(box: int, device) -> torch.Tensor:
+    """`(N, N, N)` distance (px) of each voxel from the box centre ``N // 2``."""
+    c = (torch.arange(box, device=device, dtype=torch.float32) - box // 2) ** 2
+    return torch.sqrt(c[:, None, None] + c[None, :, None] + c[None, None, :])
+
+
+def _soft_mask_outside(volume: torch.Tensor, *, width_px: float = 3.0) -> torch.Tensor:
+    """Blend the map beyond radius ``N/2`` into its mean value there (raised cosine over
+    ``width_px``), as RELION's ``softMaskOutsideMap`` does to every reconstruction."""
+    box = volume.shape[0]
+    r = _real_radius(box, volume.device)
+    outer = box / 2.0 + width_px
+    w = torch.clamp((r - box / 2.0) / width_px, 0.0, 1.0)
+    w = torch.where(r < box / 2.0, torch.zeros_like(r), 0.5 - 0.5 * torch.cos(torch.pi * w))
+    w = torch.where(r > outer, torch.ones_like(r), w)
+    background = (w * volume).sum() / w.sum()
+    return (1.0 - w) * volume + w * background
