@@ -639,8 +639,11 @@ def check_outputs_complete(out_dir, n_particles):
                 assert np.isfinite(m.data).all(), path
         elif path.suffix == ".star":
             blocks = starfile.read(path, always_dict=True)
-            if path.name == "particles.star":
-                assert len(blocks["particles"]) == n_particles, path
+            if path.name == "particles.star":  # kept particles + particles_rejected.star
+                rejected = path.with_name("particles_rejected.star")
+                n_rejected = (len(starfile.read(rejected, always_dict=True)["particles"])
+                              if rejected.exists() else 0)
+                assert len(blocks["particles"]) + n_rejected == n_particles, path
         elif path.suffix == ".npy":
             assert len(np.load(path)) == n_particles, path
         elif path.suffix == ".json":

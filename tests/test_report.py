@@ -183,7 +183,7 @@ def test_refinement_writes_plots_and_timings(refine_dir):
     for name in ("summary.png", "it001/angdist.png", "it001/fsc.png", "final/angdist.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
     entry = json.loads((out / "it001" / "run.json").read_text())["iteration"]
-    assert set(entry["timings_s"]) == {"alignment", "reconstruction", "fsc_and_output"}
+    assert {"alignment", "reconstruction", "fsc_and_output"} <= set(entry["timings_s"])
 
 
 # --- the report ----------------------------------------------------------------------------

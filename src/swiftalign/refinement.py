@@ -410,6 +410,7 @@ def run_refinement(
         class_stats = []
         half_maps = {}
         t_step = time.perf_counter()
+        inserted = _counter(progress, "reconstruction", int(keep.sum()))
         for c in range(n_classes):
             for h in (1, 2):
                 sel = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
@@ -423,7 +424,7 @@ def run_refinement(
                     pixel_size_angstrom=pixel_size, symmetry_group=group,
                     method=config.reconstruction, regularisation=config.regularisation,
                     device=config.device,
-                    progress=_counter(progress, f"reconstruct class {c + 1} half {h}", len(sel)),
+                    progress=inserted,
                 )
         timings["reconstruct"] = time.perf_counter() - t_step
         t_step = time.perf_counter()
@@ -492,6 +493,8 @@ def run_refinement(
         if (~keep).any():
             write_particles(it_dir / "particles_rejected.star", table, box_size=box,
                             updates=updates, keep=~keep)
+        else:  # none rejected: no stale list from an interrupted attempt
+            (it_dir / "particles_rejected.star").unlink(missing_ok=True)
         save_figure(angular_distribution_figure(
             cons.euler_deg[keep, 0], cons.euler_deg[keep, 1],
             title=f"iteration {it}: kept particles"), it_dir / "angdist.png")

@@ -81,8 +81,9 @@ def _open(path: Path, *, mmap: bool):
             mrc = opener(path, mode="r", permissive=True)
     except Exception as exc:  # mrcfile raises ValueError/IndexError on corrupt headers
         raise MrcFileError(f"{path}: not a readable MRC file ({exc})") from exc
-    for w in caught:
-        warnings.warn(f"{path}: {w.message}", stacklevel=3)
+    for w in caught:  # header problems concern the user; library deprecations do not
+        if not issubclass(w.category, DeprecationWarning):
+            warnings.warn(f"{path}: {w.message}", stacklevel=3)
     if mrc.data is None:
         mrc.close()
         raise MrcFileError(f"{path}: header could not be parsed as MRC")
