@@ -223,7 +223,11 @@ def test_relion_reconstruct_agrees_with_our_map(refine_data):
         assert float(m.voxel_size.x) == pytest.approx(4.88, abs=1e-3)
     f = fsc_curve(ours, theirs)
     shell = int(np.floor(48 * 4.88 / state["resolution_angstrom"] + 1e-6))
-    assert f[1 : shell + 1].min() >= 0.9
+    assert f[1 : shell + 1].min() >= 0.9  # the check
+    # map_unfiltered is all kept particles reconstructed together, as relion_reconstruct
+    # does: measured ≥ 0.979 at every shell up to Nyquist (0.60 at Nyquist for the mean of
+    # the half maps)
+    assert f[1:].min() >= 0.95
 
 
 def test_two_class_classification(tmp_path, trpv1_map):

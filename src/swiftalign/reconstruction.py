@@ -42,7 +42,7 @@ from swiftalign.conventions import centred_rfft2, euler_to_matrix
 from swiftalign.ctf import CtfParams, ctf_rfft2
 from swiftalign.io.particles import ParticleImages
 
-__all__ = ["reconstruct", "symmetrise"]
+__all__ = ["reconstruct", "reconstruct_from_accumulators", "symmetrise"]
 
 
 def _shift_ramp(box: int, shifts_yx_px: torch.Tensor) -> torch.Tensor:
@@ -173,6 +173,7 @@ def reconstruct(
     batch_size: int = 128,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    accumulators: list[torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Reconstruct a map from particles and their poses.
 
@@ -207,6 +208,9 @@ def reconstruct(
         Torch device.
     progress : callable, optional
         Called with the number of particles inserted after each batch.
+    accumulators : list, optional
+        The inserted data (before symmetrisation) are appended to it, for
+        :func:`reconstruct_from_accumulators`.
 
     Returns
     -------
@@ -227,9 +231,7 @@ def reconstruct(
         raise ValueError(f"{n} poses but {len(rows)} images and {len(shift_yx_px)} shifts")
     box = images.box_size if hasattr(images, "box_size") else images.shape[-1]
     padded = 2 * box
-    p = box - box // 2  # keep the centre N//2 at the padded centre N
     vol_shape = (padded, padded, padded)
-    nyquist = padded // 2  # radius of the original Nyquist frequency, in padded-grid voxels
     mats = euler_to_matrix(euler_deg)
     rows_2n = (2 * torch.fft.fftfreq(box, d=1.0 / box, device=device).long()) % padded
     cols_2n = 2 * torch.arange(box // 2 + 1, device=device)
@@ -261,6 +263,46 @@ def reconstruct(
         acc += dft
         if progress is not None:
             progress(stop - start)
+    if accumulators is not None:
+        accumulators.append(acc)
+    return reconstruct_from_accumulators(acc, symmetry_group=symmetry_group, method=method,
+                                         regularisation=regularisation,
+                                         gridding_iterations=gridding_iterations)
+
+
+def reconstruct_from_accumulators(
+    accumulators: torch.Tensor,
+    *,
+    symmetry_group: np.ndarray | None = None,
+    method: str = "gridding",
+    regularisation: float = 0.01,
+    gridding_iterations: int = 10,
+) -> np.ndarray:
+    """The map from inserted data: symmetrise, weight, invert, mask, correct.
+
+    Accumulators add up: the sum of two half sets' accumulators gives the map of
+    all their particles reconstructed together (as RELION's final map), not the
+    average of the two half maps.
+
+    Parameters
+    ----------
+    accumulators : torch.Tensor
+        `(2, 2N, 2N, N + 1)` complex: Σ CTF·F and Σ CTF² on the oversampled
+        fftshifted rfft grid, from :func:`reconstruct` (``accumulators=``).
+    symmetry_group, method, regularisation, gridding_iterations
+        As for :func:`reconstruct`.
+
+    Returns
+    -------
+    np.ndarray
+        `(N, N, N)` float32 map.
+    """
+    acc = accumulators
+    padded = acc.shape[-2]
+    box = padded // 2
+    p = box - box // 2
+    vol_shape = (padded, padded, padded)
+    nyquist = padded // 2
     if symmetry_group is not None and len(symmetry_group) > 1:
         acc = symmetrise(acc, symmetry_group, max_radius=nyquist + 1.0)
     num, den = acc[0], acc[1].real

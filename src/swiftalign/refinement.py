@@ -66,7 +66,7 @@ from swiftalign.plots import (
     refinement_summary_figure,
     save_figure,
 )
-from swiftalign.reconstruction import reconstruct
+from swiftalign.reconstruction import reconstruct, reconstruct_from_accumulators
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.search import train_index
 from swiftalign.symmetry import symmetry_matrices
@@ -411,6 +411,7 @@ def run_refinement(
         half_maps = {}
         t_step = time.perf_counter()
         inserted = _counter(progress, "reconstruction", int(keep.sum()))
+        accs: dict[int, list] = {}
         for c in range(n_classes):
             for h in (1, 2):
                 sel = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
@@ -424,14 +425,19 @@ def run_refinement(
                     pixel_size_angstrom=pixel_size, symmetry_group=group,
                     method=config.reconstruction, regularisation=config.regularisation,
                     device=config.device,
-                    progress=inserted,
+                    progress=inserted, accumulators=accs.setdefault(c, []),
                 )
         timings["reconstruct"] = time.perf_counter() - t_step
         t_step = time.perf_counter()
         resolutions = []
         for c in range(n_classes):
             h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
-            avg = (h1 + h2) / 2
+            # the map of all kept particles reconstructed together (RELION's final map; what
+            # relion_reconstruct gives from particles.star), not the mean of the half maps
+            avg = reconstruct_from_accumulators(
+                accs[c][0] + accs[c][1],
+                symmetry_group=group, method=config.reconstruction,
+                regularisation=config.regularisation)
             smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
             fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
                                     seed=config.seed + it)
