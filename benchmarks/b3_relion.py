@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,9 +87,13 @@ def main() -> str:
     sdir = work / "swiftalign"
     shutil.rmtree(sdir, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(["swiftalign", "refine", str(star), "--reference", str(init),
-                           "--initial-resolution", "30", "--symmetry", "C4", "-q",
-                           "-o", str(sdir)], capture_output=True, text=True)
+    # this checkout's code, whatever ``swiftalign`` on PATH is
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "swiftalign", "refine", str(star),
+                           "--reference", str(init), "--initial-resolution", "30",
+                           "--symmetry", "C4", "-q", "-o", str(sdir)],
+                          capture_output=True, text=True, env=env)
     ours_s = time.perf_counter() - t0
     if proc.returncode != 0:
         return f"B3: swiftalign refine failed ({proc.returncode}):\n{proc.stderr[-2000:]}"
