@@ -3,7 +3,9 @@
 1. Validate everything that can be checked cheaply (box sizes, pixel sizes,
    CTF columns, stacks) — before any long work.
 2. Particles → search vectors (CTF-corrected by a Wiener filter, or left as
-   they are when the CTF goes on the references).
+   they are when the CTF goes on the references; ``auto`` picks by resolution,
+   :func:`resolve_ctf_mode`), optionally noise-whitened (:mod:`swiftalign.noise`)
+   and as DFT or DCT features.
 3. Sampling from the resolution (eq. 4.20–4.21) → rotated gallery.
 4. Index: exact or trained FAISS index, populated in blocks; query; re-score.
 5. Reference ids → (rot, tilt, psi, shift).
@@ -26,12 +28,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from swiftalign.conventions import centred_rfft2
 from swiftalign.ctf import CtfParams, ctf_rfft2, electron_wavelength_angstrom, wiener_filter
 from swiftalign.errors import InputError
-from swiftalign.fourier import Disc, disc_to_vectors, extract_disc, make_disc, normalise_vectors
+from swiftalign.fourier import (
+    Disc,
+    disc_to_vectors,
+    extract_disc,
+    make_disc,
+    normalise_vectors,
+    spectra_to_features,
+)
 from swiftalign.gallery import Gallery, build_gallery
 from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable
 from swiftalign.local_search import refine_local
+from swiftalign.noise import NoiseSpectrum, coefficient_weights, estimate_noise_power
 from swiftalign.projection import VolumeSpectrum
 from swiftalign.sampling import (
     angular_step_deg,
@@ -49,12 +59,25 @@ from swiftalign.search import (
 )
 from swiftalign.symmetry import parse_symmetry, symmetry_matrices
 
-__all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling"]
+__all__ = ["AlignConfig", "AlignmentResult", "align_particles", "particle_vectors", "Sampling",
+           "resolve_ctf_mode", "noise_spectrum_for", "AUTO_REFERENCE_CTF_BELOW_ANGSTROM"]
 
 log = logging.getLogger(__name__)
 
 #: Relative pixel-size mismatch between reference and particles that is tolerated.
 PIXEL_SIZE_TOLERANCE = 0.05
+
+#: ``--ctf-mode auto`` uses ``reference`` for resolution limits finer than this (Å) and
+#: ``wiener`` otherwise (measured: ``benchmarks/accuracy.py``, README "Accuracy study").
+AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 8.0
+
+
+def resolve_ctf_mode(ctf_mode: str, resolution_angstrom: float) -> str:
+    """The CTF mode actually used: ``auto`` → ``reference`` below
+    :data:`AUTO_REFERENCE_CTF_BELOW_ANGSTROM`, else ``wiener``; others unchanged."""
+    if ctf_mode != "auto":
+        return ctf_mode
+    return "reference" if resolution_angstrom < AUTO_REFERENCE_CTF_BELOW_ANGSTROM else "wiener"
 
 
 class AlignConfig(BaseModel):
@@ -69,7 +92,11 @@ class AlignConfig(BaseModel):
     shift_step_px: float | None = Field(default=None, gt=0)
     max_shift_px: float = Field(default=8.0, ge=0)
     perturbation_deg: float | None = Field(default=None, ge=0)
-    ctf_mode: Literal["wiener", "reference", "none"] = "wiener"
+    ctf_mode: Literal["auto", "wiener", "reference", "none"] = "auto"
+    weighting: Literal["none", "noise", "ssnr"] = "none"
+    transform: Literal["dft", "dct"] = "dft"
+    particle_diameter_angstrom: float | None = Field(
+        default=None, gt=0, description="noise-estimation mask diameter (Å); default 0.8·box")
     wiener_constant: float = Field(default=0.1, gt=0)
     index: str = "auto"
     nprobe: int | None = Field(default=None, gt=0)
@@ -139,6 +166,8 @@ class AlignmentResult:
     pixel_size_angstrom: float
     box_size: int
     timings: dict = field(default_factory=dict)
+    ctf_mode: str = ""
+    noise: NoiseSpectrum | None = None
 
 
 def ctf_params_from_table(table: ParticleTable) -> CtfParams:
@@ -188,6 +217,8 @@ def particle_vectors(
     rows: np.ndarray | None = None,
     recentre_shift_yx_px: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
+    coefficient_weights: torch.Tensor | None = None,
+    weight_group: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Particles → prepared search vectors, with and without CTF correction.
 
@@ -211,6 +242,11 @@ def particle_vectors(
     recentre_shift_yx_px : np.ndarray, optional
         `(m,)`×2 known particle-centre shifts removed before the disc is cut
         (a search then finds shifts relative to them).
+    coefficient_weights : torch.Tensor, optional
+        `(G, n_coeff)` real weights (noise whitening, :mod:`swiftalign.noise`)
+        applied to the features before normalisation.
+    weight_group : np.ndarray, optional
+        `(m,)` row of ``coefficient_weights`` for each particle (default row 0).
 
     Returns
     -------
@@ -237,9 +273,12 @@ def particle_vectors(
                 torch.fft.rfftfreq(disc.box_size, device=device), indexing="ij"), -1)
             s0 = torch.as_tensor(-recentre_shift_yx_px[sl], dtype=torch.float32, device=device)
             spectra = spectra * shift_phase_ramps(freqs.reshape(-1, 2), s0).reshape(spectra.shape)
-        raw[sl] = normalise_vectors(
-            disc_to_vectors(extract_disc(spectra, disc_dev), disc.box_size), metric
-        )
+        w = None
+        if coefficient_weights is not None:
+            w = coefficient_weights.to(device)
+            w = w[torch.as_tensor(weight_group[sl], device=device)] if weight_group is not None \
+                else w[0]
+        raw[sl] = _to_vectors(spectra, disc_dev, w, metric)
         if ctf is not None:
             c = ctf_rfft2(
                 ctf.subset(rows),
@@ -248,12 +287,57 @@ def particle_vectors(
                 device=device,
             )
             spectra = spectra * wiener_filter(c, constant_fraction=wiener_constant)
-            corrected[sl] = normalise_vectors(
-                disc_to_vectors(extract_disc(spectra, disc_dev), disc.box_size), metric
-            )
+            corrected[sl] = _to_vectors(spectra, disc_dev, w, metric)
         if progress is not None:
             progress(len(rows))
     return corrected, raw
+
+
+def _to_vectors(spectra: torch.Tensor, disc: Disc, weights: torch.Tensor | None,
+                metric: str) -> torch.Tensor:
+    """Centred rfft spectra → (weighted) features → normalised vectors."""
+    feats = spectra_to_features(spectra, disc)
+    if weights is not None:
+        feats = feats * weights
+    return normalise_vectors(disc_to_vectors(feats, disc.box_size), metric)
+
+
+def _ctf_on_features(c: torch.Tensor, disc: Disc) -> torch.Tensor:
+    """`(..., N, N//2+1)` CTF → what the gallery applies: disc values (dft) or the grid (dct)."""
+    if disc.transform == "dct":
+        return c.to(torch.float32)
+    return extract_disc(c.to(torch.complex64), disc.to(c.device))
+
+
+def noise_spectrum_for(
+    table: ParticleTable,
+    images: ParticleImages,
+    rows: np.ndarray,
+    *,
+    pixel_size_angstrom: float,
+    particle_diameter_angstrom: float | None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> NoiseSpectrum:
+    """Noise power per optics group outside the particle mask (:func:`estimate_noise_power`).
+
+    The mask diameter is ``particle_diameter_angstrom`` (default 0.8 × the box).
+
+    Raises
+    ------
+    InputError
+        If the mask leaves too little background.
+    """
+    box = images.box_size
+    radius_px = (0.4 * box if particle_diameter_angstrom is None
+                 else particle_diameter_angstrom / (2.0 * pixel_size_angstrom))
+    groups = (table.particles["rlnOpticsGroup"].to_numpy()[rows]
+              if "rlnOpticsGroup" in table.particles else np.ones(len(rows), dtype=int))
+    try:
+        return estimate_noise_power(images, rows, groups, mask_radius_px=radius_px, seed=seed,
+                                    device=device)
+    except ValueError as exc:
+        raise InputError(f"--particle-diameter {particle_diameter_angstrom}: {exc}") from None
 
 
 def particle_ctf_disc(
@@ -264,12 +348,13 @@ def particle_ctf_disc(
     pixel_size_angstrom: float,
     device: str,
 ) -> torch.Tensor:
-    """`(m, n_coeff)` complex64 CTF of particles ``rows`` on the disc."""
+    """CTF of particles ``rows`` as the gallery applies it: `(m, n_coeff)` complex64 on
+    the disc (dft) or `(m, N, N // 2 + 1)` float32 on the grid (dct)."""
     c = ctf_rfft2(
         ctf.subset(rows), pixel_size_angstrom=pixel_size_angstrom,
         box_size=disc.box_size, device=device,
     )
-    return extract_disc(c.to(torch.complex64), disc.to(device))
+    return _ctf_on_features(c, disc)
 
 
 def _ctf_groups(
@@ -297,7 +382,7 @@ def _ctf_groups(
         med = CtfParams(*(np.median(getattr(sub, name)) for name in CtfParams._FIELDS))
         c = ctf_rfft2(med, pixel_size_angstrom=pixel_size_angstrom, box_size=disc.box_size,
                       device=device)
-        groups.append((rows, extract_disc(c.to(torch.complex64), disc.to(device))[0]))
+        groups.append((rows, _ctf_on_features(c, disc)[0]))
     return groups
 
 
@@ -425,6 +510,7 @@ def align_particles(
     initial_shift_yx_px: np.ndarray | None = None,
     local_resolution_angstrom: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    noise: NoiseSpectrum | None = None,
 ) -> AlignmentResult:
     """Align particles against the reference.
 
@@ -449,6 +535,12 @@ def align_particles(
         finer resolution's steps.
     progress : callable, optional
         ``progress(step, done, total)``.
+    noise : NoiseSpectrum, optional
+        Noise spectra for ``config.weighting`` (default: estimated from the
+        particles outside the particle mask, :func:`noise_spectrum_for`). One
+        spectrum pooled over the optics groups weights the global search and the
+        CTF re-scoring (identically on both sides); the local refinement uses each
+        particle's own group.
 
     Returns
     -------
@@ -463,7 +555,8 @@ def align_particles(
     symmetry = config.symmetry_checked()
     pixel_size, reference = check_inputs(table, images, reference)
     box = images.box_size
-    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
+    ctf_mode = resolve_ctf_mode(config.ctf_mode, config.resolution_angstrom)
+    ctf = ctf_params_from_table(table) if ctf_mode != "none" else None
     device = resolve_device(config.device)
     if config.resolution_angstrom < 2 * pixel_size:
         raise InputError(
@@ -475,11 +568,12 @@ def align_particles(
         raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
                          f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
     sampling = make_sampling(config, pixel_size, box)
-    disc = make_disc(box, sampling.disc_radius_fftfreq)
+    disc = make_disc(box, sampling.disc_radius_fftfreq, transform=config.transform)
     validate_factory(config.index, disc.dim)
     n_dirs_est = 4 * math.pi / math.radians(sampling.angular_step_deg) ** 2 / len(
         symmetry_matrices(symmetry))
-    gallery_bytes = n_dirs_est * 360.0 / sampling.psi_step_deg * disc.n_coeff * 8
+    per_image = disc.n_coeff * 8 if disc.transform == "dft" else box * (box // 2 + 1) * 8
+    gallery_bytes = n_dirs_est * 360.0 / sampling.psi_step_deg * per_image
     if gallery_bytes > config.max_memory_gb * 1024**3:
         raise InputError(
             f"the rotated gallery needs about {gallery_bytes / 1024**3:.1f} GB at "
@@ -501,10 +595,23 @@ def align_particles(
     star_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     n_particles = len(star_rows)
     t0 = time.perf_counter()
+    weights = None
+    group_of = None
+    if config.weighting != "none":
+        if noise is None:
+            noise = noise_spectrum_for(
+                table, images, star_rows, pixel_size_angstrom=pixel_size,
+                particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
+                device=device)
+        weights = coefficient_weights(noise.pooled(), disc.to(device), config.weighting)
+        if "rlnOpticsGroup" in table.particles and len(noise.groups) > 1:
+            og = table.particles["rlnOpticsGroup"].to_numpy()[star_rows]
+            group_of = np.searchsorted(noise.groups, og)
+        timings["noise"] = time.perf_counter() - t0
     queries, raw_queries = particle_vectors(
         images,
         disc,
-        ctf=ctf if config.ctf_mode == "wiener" else None,
+        ctf=ctf if ctf_mode == "wiener" else None,
         pixel_size_angstrom=pixel_size,
         metric=config.metric,
         wiener_constant=config.wiener_constant,
@@ -512,8 +619,9 @@ def align_particles(
         rows=star_rows,
         recentre_shift_yx_px=initial_shift_yx_px,
         progress=step_progress("particles", n_particles),
+        coefficient_weights=None if weights is None else weights,
     )
-    timings["particles"] = time.perf_counter() - t0
+    timings["particles"] = time.perf_counter() - t0 - timings.get("noise", 0.0)
 
     rng = np.random.default_rng(config.seed)
     group = symmetry_matrices(symmetry)
@@ -533,6 +641,7 @@ def align_particles(
         metric=config.metric,
         rng=rng,
         progress=step_progress("projections", len(rot_tilt)),
+        coefficient_weights=None if weights is None else weights[0],
     )
     timings["gallery"] = time.perf_counter() - t0
     sampling.n_directions = len(rot_tilt)
@@ -552,7 +661,7 @@ def align_particles(
 
     ctf_groups = None
     ctf_pool = None
-    if config.ctf_mode == "reference":
+    if ctf_mode == "reference":
         ctf_groups = _ctf_groups(
             ctf.subset(star_rows), disc, pixel_size_angstrom=pixel_size,
             max_phase_rad=config.ctf_group_phase_rad, device=device,
@@ -603,16 +712,32 @@ def align_particles(
     dist = dist_t.astype(np.float64)
     del gallery
     rounds = config.local_rounds
-    local_disc, local_queries = disc, raw_queries
+    local_res = config.resolution_angstrom
     if local_resolution_angstrom is not None and local_resolution_angstrom < config.resolution_angstrom:
-        local_disc = make_disc(box, min(pixel_size / local_resolution_angstrom, 0.5))
-        _, local_queries = particle_vectors(
-            images, local_disc, ctf=None, pixel_size_angstrom=pixel_size, metric=config.metric,
-            device=device, rows=star_rows, recentre_shift_yx_px=initial_shift_yx_px,
-        )
+        local_res = local_resolution_angstrom
         fine_step = angular_step_deg(local_resolution_angstrom, pixel_size, box)
         rounds = max(rounds, int(math.ceil(math.log2(sampling.angular_step_deg / fine_step))) + 1)
     if rounds > 0:
+        # the local search always compares Fourier-disc (dft) coefficients; with noise
+        # weighting each particle uses its own optics group's weights
+        local_disc = make_disc(box, min(pixel_size / local_res, 0.5))
+        local_w = None
+        if weights is not None:
+            local_w = coefficient_weights(noise, local_disc.to(device), config.weighting)
+        if local_disc.transform == disc.transform and local_res == config.resolution_angstrom \
+                and (local_w is None or local_w.shape[0] == 1):
+            local_queries = raw_queries
+        else:
+            _, local_queries = particle_vectors(
+                images, local_disc, ctf=None, pixel_size_angstrom=pixel_size,
+                metric=config.metric, device=device, rows=star_rows,
+                recentre_shift_yx_px=initial_shift_yx_px, coefficient_weights=local_w,
+                weight_group=group_of,
+            )
+        if local_w is not None:
+            local_w = local_w[0] if local_w.shape[0] == 1 else local_w[
+                torch.as_tensor(group_of if group_of is not None else np.zeros(n_particles, int),
+                                device=device)]
         t0 = time.perf_counter()
         e1, s1, d1 = refine_local(
             VolumeSpectrum(volume),
@@ -627,6 +752,7 @@ def align_particles(
             ctf=ctf.subset(star_rows) if ctf is not None else None,
             pixel_size_angstrom=pixel_size,
             progress=step_progress("local search", n_particles * rounds),
+            coefficient_weights=local_w,
         )
         euler[:, 0], shift[:, 0], dist[:, 0] = e1, s1, d1
         timings["local"] = time.perf_counter() - t0
@@ -643,4 +769,6 @@ def align_particles(
         pixel_size_angstrom=pixel_size,
         box_size=box,
         timings=timings,
+        ctf_mode=ctf_mode,
+        noise=noise,
     )
