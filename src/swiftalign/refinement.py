@@ -82,6 +82,7 @@ class RefineConfig(BaseModel):
     max_shift_px: float = Field(default=8.0, ge=0)
     max_shift_later_px: float = Field(default=3.0, ge=0)
     ctf_mode: str = "wiener"
+    weighting: Literal["none", "noise", "ssnr"] = "none"
     index: str = "auto"
     metric: str = "cosine"
     device: str = "cpu"
@@ -137,7 +138,7 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
 
 
 def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
-                pixel_size, ctf, n_classes):
+                pixel_size, ctf, n_classes, table):
     """Local search only: ±local_angle_deg and ±local_shift_px around the current poses,
     down to half the steps of ``t_align`` (thesis §7.3)."""
     import torch
@@ -150,9 +151,23 @@ def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_a
     device = resolve_device(config.device)
     box = images.box_size
     disc = make_disc(box, min(pixel_size / t_align, 0.5))
+    weights = group_of = None
+    if config.weighting != "none":
+        from swiftalign.alignment import noise_spectrum_for
+        from swiftalign.noise import coefficient_weights
+
+        noise = noise_spectrum_for(table, images, rows, pixel_size_angstrom=pixel_size,
+                                   particle_diameter_angstrom=None, seed=config.seed,
+                                   device=device)
+        weights = coefficient_weights(noise, disc.to(device), config.weighting)
+        og = (table.particles["rlnOpticsGroup"].to_numpy()[rows]
+              if "rlnOpticsGroup" in table.particles else np.ones(len(rows), int))
+        group_of = np.searchsorted(noise.groups, og)
     _, queries = particle_vectors(images, disc, ctf=None, pixel_size_angstrom=pixel_size,
                                   metric=config.metric, device=device, rows=rows,
-                                  recentre_shift_yx_px=shifts[rows])
+                                  recentre_shift_yx_px=shifts[rows],
+                                  coefficient_weights=weights, weight_group=group_of)
+    per_particle_w = None if weights is None else weights[torch.as_tensor(group_of)]
     fine = angular_step_deg(t_align, pixel_size, box) / 2
     rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
     best_d = np.full(len(rows), np.inf)
@@ -166,6 +181,7 @@ def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_a
             metric=config.metric, angle_step_deg=config.local_angle_deg,
             shift_step_px=config.local_shift_px, rounds=rounds,
             ctf=ctf.subset(rows) if ctf is not None else None, pixel_size_angstrom=pixel_size,
+            coefficient_weights=per_particle_w,
         )
         better = d < best_d
         best_d[better] = d[better]
@@ -288,7 +304,7 @@ def run_refinement(
                 e, sft, cl = _local_pass(
                     images, masked, h, rows, poses_prev, shifts_prev, classes_prev,
                     config=config, t_align=t_align, pixel_size=pixel_size, ctf=ctf,
-                    n_classes=n_classes,
+                    n_classes=n_classes, table=table,
                 )
                 euler_all[rows] = e[:, None]
                 shift_all[rows] = sft[:, None]
@@ -306,6 +322,7 @@ def run_refinement(
                         symmetry=sym,
                         max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
                         ctf_mode=config.ctf_mode,
+                        weighting=config.weighting,
                         index=config.index,
                         metric=config.metric,
                         device=config.device,

@@ -51,7 +51,17 @@ def align_command(
     max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
-        "groups applied to references; none: no CTF.")] = "wiener",
+        "groups applied to references; auto: reference below 8 Å, else wiener (measured, "
+        "README); none: no CTF.")] = "auto",
+    weighting: Annotated[str, typer.Option(
+        help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
+        "by the noise power measured outside the particle mask per optics group; ssnr: "
+        "whitening × SSNR/(1+SSNR).")] = "none",
+    transform: Annotated[str, typer.Option(
+        help="Search features: dft (Fourier disc) or dct (orthonormal 2D DCT quarter disc; "
+        "shifts applied on the full image, slower).")] = "dft",
+    particle_diameter: Annotated[float | None, typer.Option(
+        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
     index: Annotated[str, typer.Option(
         help="FAISS factory string (Flat, PCA128,Flat, IVF1024,PQ32, "
         "OPQ32_128,IVF1024,PQ32 …), auto (exact up to 200k poses, else IVF-PQ) or "
@@ -96,7 +106,9 @@ def align_command(
         config = AlignConfig(
             resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
             psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
-            ctf_mode=ctf_mode, index=index, nprobe=nprobe, target_recall=target_recall,
+            ctf_mode=ctf_mode, weighting=weighting, transform=transform,
+            particle_diameter_angstrom=particle_diameter, index=index, nprobe=nprobe,
+            target_recall=target_recall,
             rerank=rerank, ctf_candidates=ctf_candidates, metric=metric, k=k,
             local_rounds=local_rounds, device=device, max_memory_gb=max_memory, seed=seed,
         )
