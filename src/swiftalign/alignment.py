@@ -69,7 +69,7 @@ PIXEL_SIZE_TOLERANCE = 0.05
 
 #: ``--ctf-mode auto`` uses ``reference`` for resolution limits finer than this (Å) and
 #: ``wiener`` otherwise (measured: ``benchmarks/accuracy.py``, README "Accuracy study").
-AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 8.0
+AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 16.0
 
 
 def resolve_ctf_mode(ctf_mode: str, resolution_angstrom: float) -> str:
@@ -111,6 +111,9 @@ class AlignConfig(BaseModel):
         default=20, ge=1, description="global candidates re-scored with each particle's CTF"
     )
     local_rounds: int = Field(default=2, ge=0, description="local refinement rounds (0: off)")
+    local_resolution_factor: float = Field(
+        default=0.5, gt=0, le=1,
+        description="the local refinement compares up to resolution × this factor (Nyquist-capped)")
     ctf_group_phase_rad: float = Field(default=math.pi / 4, gt=0)
 
     def symmetry_checked(self) -> str:
@@ -532,7 +535,9 @@ def align_particles(
     local_resolution_angstrom : float, optional
         Finer resolution for the local refinement than for the global search:
         the local search then uses that disc and more rounds, down to the
-        finer resolution's steps.
+        finer resolution's steps. Default ``resolution × local_resolution_factor``
+        (0.5; at least Nyquist): measured on TRPV1 at 25 Å, −10 dB, the median
+        error falls from 3.8° (local disc = global disc) to 2.2° (README).
     progress : callable, optional
         ``progress(step, done, total)``.
     noise : NoiseSpectrum, optional
@@ -712,8 +717,11 @@ def align_particles(
     dist = dist_t.astype(np.float64)
     del gallery
     rounds = config.local_rounds
+    if local_resolution_angstrom is None:
+        local_resolution_angstrom = max(config.resolution_angstrom * config.local_resolution_factor,
+                                        2.0 * pixel_size)
     local_res = config.resolution_angstrom
-    if local_resolution_angstrom is not None and local_resolution_angstrom < config.resolution_angstrom:
+    if local_resolution_angstrom < config.resolution_angstrom:
         local_res = local_resolution_angstrom
         fine_step = angular_step_deg(local_resolution_angstrom, pixel_size, box)
         rounds = max(rounds, int(math.ceil(math.log2(sampling.angular_step_deg / fine_step))) + 1)

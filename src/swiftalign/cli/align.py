@@ -51,7 +51,7 @@ def align_command(
     max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
-        "groups applied to references; auto: reference below 8 Å, else wiener (measured, "
+        "groups applied to references; auto: reference below 16 Å, else wiener (measured, "
         "README); none: no CTF.")] = "auto",
     weighting: Annotated[str, typer.Option(
         help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
@@ -81,6 +81,9 @@ def align_command(
                                    "OUTPUT_topK.star).")] = 1,
     local_rounds: Annotated[int, typer.Option(
         help="Rounds of local refinement around the best match (0: off).")] = 2,
+    local_resolution_factor: Annotated[float, typer.Option(
+        help="The local refinement compares frequencies up to resolution × this factor "
+        "(0–1, Nyquist-capped; 1: the global disc).")] = 0.5,
     device: DeviceOption = "cpu",
     max_memory: MaxMemoryOption = 2.0,
     angpix: AngpixOption = None,
@@ -110,7 +113,8 @@ def align_command(
             particle_diameter_angstrom=particle_diameter, index=index, nprobe=nprobe,
             target_recall=target_recall,
             rerank=rerank, ctf_candidates=ctf_candidates, metric=metric, k=k,
-            local_rounds=local_rounds, device=device, max_memory_gb=max_memory, seed=seed,
+            local_rounds=local_rounds, local_resolution_factor=local_resolution_factor,
+            device=device, max_memory_gb=max_memory, seed=seed,
         )
         config.symmetry_checked()
     except (ValidationError, ValueError) as exc:
