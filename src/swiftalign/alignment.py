@@ -718,8 +718,9 @@ def align_particles(
     del gallery
     rounds = config.local_rounds
     if local_resolution_angstrom is None:
-        local_resolution_angstrom = max(config.resolution_angstrom * config.local_resolution_factor,
-                                        2.0 * pixel_size)
+        # --local-rounds 0 keeps the local refinement off
+        local_resolution_angstrom = config.resolution_angstrom if rounds == 0 else max(
+            config.resolution_angstrom * config.local_resolution_factor, 2.0 * pixel_size)
     local_res = config.resolution_angstrom
     if local_resolution_angstrom < config.resolution_angstrom:
         local_res = local_resolution_angstrom
