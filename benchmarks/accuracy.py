@@ -41,8 +41,8 @@ TMP = RESULTS / "tmp" / "accuracy"
 
 MAPS = {
     "trpv1": {"path": "cryojax_trpv1/trpv1_volume.mrc", "symmetry": "C4", "resolution": 20.0,
-              "n": 500},
-    "emd1832": {"path": "sfftk/emd_1832.map", "symmetry": "C1", "resolution": 30.0, "n": 300,
+              "n": 300},
+    "emd1832": {"path": "sfftk/emd_1832.map", "symmetry": "C1", "resolution": 30.0, "n": 200,
                 "angular_step_deg": 7.5},
 }
 BASELINE = {"index": "Flat", "ctf_mode": "wiener", "weighting": "none", "transform": "dft"}
@@ -52,7 +52,6 @@ VARIANTS = [
     ("IVF-PQ (ivfpq)", {"index": "ivfpq"}),
     ("reference CTF", {"ctf_mode": "reference"}),
     ("noise weighting", {"weighting": "noise"}),
-    ("ssnr weighting", {"weighting": "ssnr"}),
     ("DCT", {"transform": "dct"}),
 ]
 CONDITIONS = [(-10.0, 0.0), (-10.0, 1.0), (-15.0, 0.0), (-15.0, 1.0)]

@@ -93,7 +93,7 @@ class AlignConfig(BaseModel):
     max_shift_px: float = Field(default=8.0, ge=0)
     perturbation_deg: float | None = Field(default=None, ge=0)
     ctf_mode: Literal["auto", "wiener", "reference", "none"] = "auto"
-    weighting: Literal["none", "noise", "ssnr"] = "none"
+    weighting: Literal["none", "noise", "ssnr"] = "noise"
     transform: Literal["dft", "dct"] = "dft"
     particle_diameter_angstrom: float | None = Field(
         default=None, gt=0, description="noise-estimation mask diameter (Å); default 0.8·box")

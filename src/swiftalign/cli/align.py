@@ -56,7 +56,7 @@ def align_command(
     weighting: Annotated[str, typer.Option(
         help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
         "by the noise power measured outside the particle mask per optics group; ssnr: "
-        "whitening × SSNR/(1+SSNR).")] = "none",
+        "whitening × SSNR/(1+SSNR).")] = "noise",
     transform: Annotated[str, typer.Option(
         help="Search features: dft (Fourier disc) or dct (orthonormal 2D DCT quarter disc; "
         "shifts applied on the full image, slower).")] = "dft",
