@@ -170,7 +170,7 @@ def main_study(quick: bool = False) -> str:
                     cfg["angular_step_deg"] = cfg["psi_step_deg"] = spec["angular_step_deg"]
                 r = run_alignment(star, ref, spec["symmetry"], **cfg)
                 row = {"map": name, "snr_db": snr_db,
-                       "noise": "white" if colour == 0 else f"1/|k|^{colour:g}",
+                       "noise": "white" if colour == 0 else f"1/k^{colour:g}",
                        "variant": label, "n_particles": n, **r}
                 rows.append(row)
                 print(f"{name} {snr_db:g} dB a={colour:g} {label}: "

@@ -69,7 +69,7 @@ PIXEL_SIZE_TOLERANCE = 0.05
 
 #: ``--ctf-mode auto`` uses ``reference`` for resolution limits finer than this (Å) and
 #: ``wiener`` otherwise (measured: ``benchmarks/accuracy.py``, README "Accuracy study").
-AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 16.0
+AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 22.0
 
 
 def resolve_ctf_mode(ctf_mode: str, resolution_angstrom: float) -> str:

@@ -51,7 +51,7 @@ def align_command(
     max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
-        "groups applied to references; auto: reference below 16 Å, else wiener (measured, "
+        "groups applied to references; auto: reference below 22 Å, else wiener (measured, "
         "README); none: no CTF.")] = "auto",
     weighting: Annotated[str, typer.Option(
         help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
