@@ -63,6 +63,7 @@ def write_results(name: str, rows: list[dict], columns: list[tuple[str, str, str
         cells = []
         for key, _, fmt in columns:
             v = r.get(key, "")
+            v = "–" if v is None else v
             cells.append(format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"

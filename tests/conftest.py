@@ -46,7 +46,7 @@ def rng():
 
 #: A small trained index (issue 6 tests): 12° steps, shifts to 4 px (≈ 20k poses), IVF-PQ.
 SMALL_INDEX = dict(resolution_angstrom=25.0, symmetry="C4", angular_step_deg=12.0,
-                   max_shift_px=4.0, index="IVF64,PQ32x4fs", local_rounds=1)
+                   max_shift_px=4.0, index="IVF64,PQ32x4fs", local_rounds=1, weighting="none")
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,8 @@ def test_shared_training_finds_the_poses_of_own_training(trpv1_map, data):
 
     def cfg(seed, index):
         return AlignConfig(resolution_angstrom=25.0, symmetry="C4", angular_step_deg=12.0,
-                           max_shift_px=4.0, index=index, local_rounds=0, seed=seed)
+                           max_shift_px=4.0, index=index, local_rounds=0, seed=seed,
+                           weighting="none")
 
     cfgs = [cfg(s, "IVF16,PQ16x4fs") for s in (1, 2)]
     refsets = [build_reference_set(trpv1_map, c, pixel_size_angstrom=4.88) for c in cfgs]

@@ -261,3 +261,37 @@ def test_two_class_classification(tmp_path, trpv1_map):
     truth_class = np.repeat([1, 2], 150)[index]
     assert np.mean(p["rlnClassNumber"].to_numpy() == truth_class) > 0.9
     assert (tmp_path / "out" / "final" / "class2_half1.mrc").exists()
+
+
+def test_point_insertion_equals_torch_fourier_slice():
+    """Inserting only the particle's own N×(N/2+1) samples (then completing the kx = 0 plane
+    with Friedel mates) gives torch-fourier-slice's insertion of the zero-filled 2N slice."""
+    import torch
+    from torch_fourier_slice import insert_central_slices_rfft_3d_multichannel
+
+    from swiftalign.conventions import euler_to_matrix
+    from swiftalign.reconstruction import _complete_friedel_x0, _insert_slices, _slice_points
+
+    box, padded, b = 16, 32, 12
+    rng = np.random.default_rng(0)
+    euler = np.c_[rng.uniform(-180, 180, b), rng.uniform(0, 180, b), rng.uniform(-180, 180, b)]
+    euler[:3] = [[0, 0, 0], [0, 90, 0], [90, 90, 90]]  # slices through the kx = 0 plane
+    mats = euler_to_matrix(euler)
+    gen = torch.Generator().manual_seed(0)
+    spec = torch.randn((b, box, box // 2 + 1), dtype=torch.complex64, generator=gen)
+    ctf = torch.randn((b, box, box // 2 + 1), generator=gen)
+    rows_2n = (2 * torch.fft.fftfreq(box, d=1.0 / box).long()) % padded
+    cols_2n = 2 * torch.arange(box // 2 + 1)
+    chans = torch.zeros((b, 2, padded, padded // 2 + 1), dtype=torch.complex64)
+    chans[:, 0, rows_2n[:, None], cols_2n[None, :]] = spec * ctf
+    chans[:, 1, rows_2n[:, None], cols_2n[None, :]] = (ctf * ctf).to(torch.complex64)
+    want, _ = insert_central_slices_rfft_3d_multichannel(
+        torch.fft.fftshift(chans, dim=(-2,)), (padded,) * 3,
+        torch.as_tensor(mats.transpose(0, 2, 1), dtype=torch.float32), fftfreq_max=0.5 + 1e-6)
+    flat, xyz = _slice_points(box, "cpu")
+    acc = torch.zeros((2, padded, padded, padded // 2 + 1), dtype=torch.complex64)
+    values = torch.stack([(spec * ctf).reshape(b, -1)[:, flat],
+                          (ctf * ctf).to(torch.complex64).reshape(b, -1)[:, flat]], dim=-1)
+    _insert_slices(acc, values, xyz, torch.as_tensor(mats, dtype=torch.float32))
+    got = _complete_friedel_x0(acc)
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())

@@ -12,6 +12,18 @@ interleaved, the squared Euclidean distance between two vectors equals the
 squared distance between the two band-limited images (Parseval). Frequencies
 at or beyond Nyquist (|k| >= 0.5) are never kept, which avoids self-conjugate
 coefficients.
+
+DCT features (``transform="dct"``, thesis ch. 7): the orthonormal 2D DCT-II
+of the image (``scipy.fft.dctn``, ``norm="ortho"``) restricted to the
+low-frequency quarter disc ``0 < |k| <= r`` with ``k = (u, v) / (2N)``
+cycles/px for DCT index ``(u, v)``. The DCT is orthonormal, so vector distances
+equal distances of the DCT-band-limited images without any extra weight. A
+shift is not a phase ramp in DCT space: shifted references are made by a
+Fourier phase ramp on the whole image, back to real space, then the DCT
+(:func:`spectra_to_features`), which costs two FFTs and a DCT per reference pose.
+
+Coefficient weights (noise whitening, :mod:`swiftalign.noise`) are real
+per-coefficient factors ``w(|k|)`` applied to particles and references alike.
 """
 
 from __future__ import annotations
@@ -19,9 +31,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.fft
 import torch
 
-from swiftalign.conventions import centred_rfft2, fftfreq_grid_rfft2
+from swiftalign.conventions import centred_irfft2, centred_rfft2, fftfreq_grid_rfft2
 
 __all__ = [
     "Disc",
@@ -31,7 +45,13 @@ __all__ = [
     "normalise_vectors",
     "shift_phase_ramps",
     "images_to_disc",
+    "spectra_to_features",
+    "dct_features",
+    "TRANSFORMS",
 ]
+
+#: Feature transforms: centred rfft disc (``dft``) or orthonormal DCT-II quarter disc (``dct``).
+TRANSFORMS = ("dft", "dct")
 
 
 @dataclass(frozen=True)
@@ -45,15 +65,19 @@ class Disc:
     radius_fftfreq : float
         Disc radius in cycles/px (``pixel_size / resolution``).
     flat_indices : torch.Tensor
-        `(n_coeff,)` int64 indices into the flattened `(N, N // 2 + 1)` rfft.
+        `(n_coeff,)` int64 indices into the flattened `(N, N // 2 + 1)` rfft
+        (``dft``) or the flattened `(N, N)` DCT (``dct``).
     freqs_yx : torch.Tensor
-        `(n_coeff, 2)` frequencies ``(ky, kx)`` in cycles/px.
+        `(n_coeff, 2)` frequencies ``(ky, kx)`` in cycles/px (DCT index / 2N for ``dct``).
+    transform : str
+        ``dft`` (complex coefficients) or ``dct`` (real coefficients).
     """
 
     box_size: int
     radius_fftfreq: float
     flat_indices: torch.Tensor
     freqs_yx: torch.Tensor
+    transform: str = "dft"
 
     @property
     def n_coeff(self) -> int:
@@ -61,8 +85,13 @@ class Disc:
 
     @property
     def dim(self) -> int:
-        """Length of a search vector (2 reals per coefficient)."""
-        return 2 * self.n_coeff
+        """Length of a search vector (2 reals per DFT coefficient, 1 per DCT coefficient)."""
+        return 2 * self.n_coeff if self.transform == "dft" else self.n_coeff
+
+    @property
+    def shell_index(self) -> torch.Tensor:
+        """`(n_coeff,)` int64 Fourier shell ``round(|k|·N)`` of every coefficient."""
+        return torch.round(self.freqs_yx.double().norm(dim=-1) * self.box_size).long()
 
     def to(self, device: torch.device | str) -> Disc:
         """The same selection with its tensors on ``device``."""
@@ -71,10 +100,17 @@ class Disc:
             self.radius_fftfreq,
             self.flat_indices.to(device),
             self.freqs_yx.to(device),
+            self.transform,
         )
 
 
-def make_disc(box_size: int, radius_fftfreq: float, *, device: torch.device | str = "cpu") -> Disc:
+def make_disc(
+    box_size: int,
+    radius_fftfreq: float,
+    *,
+    transform: str = "dft",
+    device: torch.device | str = "cpu",
+) -> Disc:
     """Select the disc coefficients for a box and a resolution limit.
 
     Parameters
@@ -83,6 +119,10 @@ def make_disc(box_size: int, radius_fftfreq: float, *, device: torch.device | st
         Image side ``N`` in px.
     radius_fftfreq : float
         Disc radius in cycles/px, ``pixel_size_angstrom / resolution_angstrom``.
+    transform : {"dft", "dct"}
+        ``dft``: half disc of the centred rfft (one of each Friedel pair).
+        ``dct``: quarter disc of the orthonormal DCT-II, ``k = (u, v) / (2N)``;
+        it holds as many reals as the DFT half disc.
 
     Returns
     -------
@@ -91,13 +131,20 @@ def make_disc(box_size: int, radius_fftfreq: float, *, device: torch.device | st
     Raises
     ------
     ValueError
-        If the disc holds no coefficient (radius below 1/N).
+        If the disc holds no coefficient (radius below 1/N), or for an unknown transform.
     """
-    freqs = fftfreq_grid_rfft2(box_size, device=device, dtype=torch.float64)
+    if transform == "dct":
+        idx = torch.arange(box_size, device=device, dtype=torch.float64) / (2 * box_size)
+        freqs = torch.stack(torch.meshgrid(idx, idx, indexing="ij"), dim=-1)
+    elif transform == "dft":
+        freqs = fftfreq_grid_rfft2(box_size, device=device, dtype=torch.float64)
+    else:
+        raise ValueError(f"--transform {transform!r}: use dft or dct")
     ky, kx = freqs[..., 0], freqs[..., 1]
     radius = torch.sqrt(ky**2 + kx**2)
     keep = (radius > 0) & (radius <= radius_fftfreq + 1e-9) & (radius < 0.5)
-    keep &= (kx > 0) | ((kx == 0) & (ky > 0))
+    if transform == "dft":
+        keep &= (kx > 0) | ((kx == 0) & (ky > 0))
     flat = torch.nonzero(keep.reshape(-1)).reshape(-1)
     if flat.numel() == 0:
         raise ValueError(
@@ -109,6 +156,7 @@ def make_disc(box_size: int, radius_fftfreq: float, *, device: torch.device | st
         radius_fftfreq=float(radius_fftfreq),
         flat_indices=flat,
         freqs_yx=freqs.reshape(-1, 2)[flat].to(torch.float32),
+        transform=transform,
     )
 
 
@@ -128,8 +176,43 @@ def extract_disc(spectra: torch.Tensor, disc: Disc) -> torch.Tensor:
     return spectra.flatten(-2)[..., disc.flat_indices]
 
 
+def dct_features(images: torch.Tensor, disc: Disc) -> torch.Tensor:
+    """Orthonormal 2D DCT-II (``scipy.fft.dctn``) of images, cut to the quarter disc.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(..., N, N)` real images.
+    disc : Disc
+        A ``dct`` selection.
+
+    Returns
+    -------
+    torch.Tensor
+        `(..., n_coeff)` float32 on the images' device.
+    """
+    arr = images.detach().to("cpu", torch.float32).numpy()
+    coeffs = scipy.fft.dctn(arr, type=2, norm="ortho", axes=(-2, -1))
+    flat = coeffs.reshape(*coeffs.shape[:-2], -1)[..., disc.flat_indices.cpu().numpy()]
+    return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).to(images.device)
+
+
+def spectra_to_features(spectra: torch.Tensor, disc: Disc) -> torch.Tensor:
+    """Centred rfft spectra `(..., N, N // 2 + 1)` to the disc's features `(..., n_coeff)`.
+
+    ``dft``: the disc coefficients (complex). ``dct``: back to real space, then
+    :func:`dct_features` (real).
+    """
+    if disc.transform == "dct":
+        n = disc.box_size
+        return dct_features(centred_irfft2(spectra, (n, n)), disc)
+    return extract_disc(spectra, disc)
+
+
 def images_to_disc(images: torch.Tensor, disc: Disc) -> torch.Tensor:
-    """Real images `(..., N, N)` to their disc coefficients `(..., n_coeff)`."""
+    """Real images `(..., N, N)` to their disc features `(..., n_coeff)` (complex DFT, real DCT)."""
+    if disc.transform == "dct":
+        return dct_features(images, disc)
     return extract_disc(centred_rfft2(images), disc)
 
 
@@ -139,7 +222,7 @@ def disc_to_vectors(coeffs: torch.Tensor, box_size: int) -> torch.Tensor:
     Parameters
     ----------
     coeffs : torch.Tensor
-        `(..., n_coeff)` complex coefficients.
+        `(..., n_coeff)` complex DFT coefficients, or real DCT coefficients.
     box_size : int
         Image side ``N``.
 
@@ -148,8 +231,11 @@ def disc_to_vectors(coeffs: torch.Tensor, box_size: int) -> torch.Tensor:
     torch.Tensor
         `(..., 2 * n_coeff)` float32, real and imaginary parts interleaved,
         scaled by ``sqrt(2) / N`` so that squared distances equal band-limited
-        image distances.
+        image distances; for real (orthonormal DCT) input `(..., n_coeff)`
+        unchanged (float32).
     """
+    if not coeffs.is_complex():
+        return coeffs.to(torch.float32)
     weight = math.sqrt(2.0) / box_size
     return (torch.view_as_real(coeffs.to(torch.complex64)) * weight).flatten(-2)
 

@@ -10,6 +10,13 @@ regenerated on demand.
 
 Pose ids: ``id = image * n_shifts + shift`` with
 ``image = direction * n_psi + psi``.
+
+DCT features (``disc.transform == "dct"``): a shift is not a phase ramp of DCT
+coefficients, so the gallery keeps the full rfft of every rotated projection
+and each regenerated reference is phase-shifted on the whole grid, brought back
+to real space and DCT-transformed (:func:`swiftalign.fourier.spectra_to_features`);
+a CTF applied to references is then a full-grid `(…, N, N // 2 + 1)` array.
+Coefficient weights (noise whitening) multiply every regenerated feature.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swiftalign.conventions import euler_to_matrix
+from swiftalign.conventions import centred_rfft2, euler_to_matrix, fftfreq_grid_rfft2
 from swiftalign.fourier import (
     Disc,
     disc_to_vectors,
     images_to_disc,
     normalise_vectors,
     shift_phase_ramps,
+    spectra_to_features,
 )
 from swiftalign.projection import project
 
@@ -81,11 +89,16 @@ class Gallery:
         `(n_shifts, 2)` shift grid in px.
     coeffs : torch.Tensor
         `(n_images, n_coeff)` complex64 disc coefficients of the rotated
-        projections (no shift, no CTF), ``n_images = n_directions · n_psi``.
+        projections (no shift, no CTF, no weight), ``n_images = n_directions · n_psi``
+        (``dft``); for ``dct`` the `(n_images, N, N // 2 + 1)` complex64 rfft of
+        the rotated projections.
     disc : Disc
         The coefficient selection.
     metric : str
         ``l2``, ``cosine`` or ``pearson``.
+    weights : torch.Tensor or None
+        `(n_coeff,)` real coefficient weights (noise whitening) applied to every
+        regenerated reference.
     """
 
     rot_tilt_deg: np.ndarray
@@ -94,10 +107,58 @@ class Gallery:
     coeffs: torch.Tensor
     disc: Disc
     metric: str
+    weights: torch.Tensor | None = None
 
     @property
     def n_images(self) -> int:
         return int(self.coeffs.shape[0])
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Working memory to regenerate one reference vector (bytes)."""
+        if self.disc.transform == "dct":
+            n = self.disc.box_size
+            return n * (n // 2 + 1) * 8 * 3 + n * n * 4 * 3 + self.disc.dim * 8
+        return self.disc.dim * 4 * 4
+
+    def features(
+        self, image: torch.Tensor, shifts_yx_px: torch.Tensor, *, ctf: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weighted features of gallery images shifted by any (continuous) amount.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            `(...)` int64 rotated-gallery image indices.
+        shifts_yx_px : torch.Tensor
+            `(..., 2)` shifts in px, broadcastable against ``image``.
+        ctf : torch.Tensor, optional
+            CTF applied to the references: on the disc, `(..., n_coeff)` (``dft``),
+            or on the full rfft grid, `(..., N, N // 2 + 1)` (``dct``).
+
+        Returns
+        -------
+        torch.Tensor
+            `(..., n_coeff)` complex64 (``dft``) or float32 (``dct``).
+        """
+        device = self.coeffs.device
+        image = image.to(device)
+        shifts = shifts_yx_px.to(device, torch.float32)
+        if self.disc.transform == "dct":
+            n = self.disc.box_size
+            freqs = fftfreq_grid_rfft2(n, device=device).reshape(-1, 2)
+            ramps = shift_phase_ramps(freqs, shifts).reshape(*shifts.shape[:-1], n, n // 2 + 1)
+            spectra = self.coeffs[image] * ramps
+            if ctf is not None:
+                spectra = spectra * ctf
+            out = spectra_to_features(spectra, self.disc)
+        else:
+            out = self.coeffs[image] * shift_phase_ramps(self.disc.freqs_yx, shifts)
+            if ctf is not None:
+                out = out * ctf
+        if self.weights is not None:
+            out = out * self.weights
+        return out
 
     @property
     def n_shifts(self) -> int:
@@ -132,7 +193,7 @@ class Gallery:
             `(...)` int64 reference ids.
         ctf_disc : torch.Tensor, optional
             `(n_coeff,)` or broadcastable `(..., n_coeff)` real CTF on the disc to
-            apply (reference CTF mode).
+            apply (reference CTF mode); `(..., N, N // 2 + 1)` full grid for ``dct``.
 
         Returns
         -------
@@ -144,10 +205,7 @@ class Gallery:
         image = torch.div(ids, self.n_shifts, rounding_mode="floor")
         shift = ids - image * self.n_shifts
         shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
-        ramps = shift_phase_ramps(self.disc.freqs_yx, shifts[shift])
-        coeffs = self.coeffs[image] * ramps
-        if ctf_disc is not None:
-            coeffs = coeffs * ctf_disc
+        coeffs = self.features(image, shifts[shift], ctf=ctf_disc)
         return normalise_vectors(disc_to_vectors(coeffs, self.disc.box_size), self.metric)
 
     def block_vectors(
@@ -164,10 +222,8 @@ class Gallery:
         """
         device = self.coeffs.device
         shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
-        ramps = shift_phase_ramps(self.disc.freqs_yx, shifts)  # (S, n_coeff)
-        coeffs = self.coeffs[image_start:image_stop, None, :] * ramps[None]
-        if ctf_disc is not None:
-            coeffs = coeffs * ctf_disc
+        image = torch.arange(image_start, image_stop, device=device)[:, None]
+        coeffs = self.features(image, shifts[None], ctf=ctf_disc)  # (b, S, n_coeff)
         vectors = normalise_vectors(disc_to_vectors(coeffs, self.disc.box_size), self.metric)
         ids = torch.arange(
             image_start * self.n_shifts, image_stop * self.n_shifts, device=device
@@ -186,6 +242,7 @@ def build_gallery(
     rng: np.random.Generator,
     batch_size: int = 64,
     progress=None,
+    coefficient_weights: torch.Tensor | None = None,
 ) -> Gallery:
     """Project, rotate in plane and cut to the disc.
 
@@ -210,6 +267,8 @@ def build_gallery(
         Directions per projection batch.
     progress : callable, optional
         Called with the number of directions done after each batch.
+    coefficient_weights : torch.Tensor, optional
+        `(n_coeff,)` real weights (noise whitening) applied to every reference.
 
     Returns
     -------
@@ -223,7 +282,9 @@ def build_gallery(
     euler0 = np.concatenate([directions_rot_tilt_deg, np.zeros((n_dir, 1))], axis=1)
     mats = torch.as_tensor(euler_to_matrix(euler0), dtype=torch.float32)
     device = volume.device
-    coeffs = torch.empty((n_dir * n_psi, disc.n_coeff), dtype=torch.complex64, device=device)
+    n = volume.shape[-1]
+    shape = (disc.n_coeff,) if disc.transform == "dft" else (n, n // 2 + 1)
+    coeffs = torch.empty((n_dir * n_psi, *shape), dtype=torch.complex64, device=device)
     for start in range(0, n_dir, batch_size):
         stop = min(n_dir, start + batch_size)
         proj = project(volume, mats[start:stop].to(device))  # (b, N, N)
@@ -231,7 +292,9 @@ def build_gallery(
         rep = proj.repeat_interleave(n_psi, dim=0)
         angles = torch.as_tensor(psi[start:stop].reshape(-1), dtype=torch.float32, device=device)
         rotated = rotate_images(rep, angles)
-        coeffs[start * n_psi : stop * n_psi] = images_to_disc(rotated, disc)
+        coeffs[start * n_psi : stop * n_psi] = (
+            images_to_disc(rotated, disc) if disc.transform == "dft" else centred_rfft2(rotated)
+        )
         if progress is not None:
             progress(b)
     return Gallery(
@@ -241,4 +304,5 @@ def build_gallery(
         coeffs=coeffs,
         disc=disc,
         metric=metric,
+        weights=None if coefficient_weights is None else coefficient_weights.to(device),
     )

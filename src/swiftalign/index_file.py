@@ -16,7 +16,12 @@ One file, a zip container (stored, not compressed; zip CRCs catch corruption):
   coefficients (candidates are regenerated from them for exact re-scoring);
 - ``faiss.index``: the trained and populated FAISS index
   (``faiss.serialize_index``); absent for the exact (``Flat``) search, which
-  needs only the gallery.
+  needs only the gallery;
+- ``noise_groups.npy``, ``noise_power.npy``, ``noise_total_power.npy``,
+  ``noise_counts.npy`` (format 2, weighted indexes only): the noise spectra
+  whose pooled weights whitened the gallery; particles aligned with the file
+  are whitened by the same weights (:mod:`swiftalign.noise`). Format 1 files
+  (no weighting, DFT) are still read.
 
 Only CTF modes that do not depend on the particles can be persisted
 (``wiener``, ``none``); ``reference`` populates the index per defocus group of
@@ -53,7 +58,10 @@ __all__ = [
 
 INDEX_FORMAT = "swiftalign-index"
 #: Version of the file layout; files with a newer version are refused.
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+#: Config values of format 1 files, which predate these options.
+_FORMAT_1_DEFAULTS = {"weighting": "none", "transform": "dft"}
+_NOISE_ARRAYS = ("noise_groups", "noise_power", "noise_total_power", "noise_counts")
 
 _ARRAYS = ("reference", "rot_tilt_deg", "psi_deg", "shifts_yx_px", "gallery_coeffs")
 
@@ -100,9 +108,12 @@ def save_reference_index(path: str | Path, refset) -> dict:
 
     if refset.index is None:
         raise ValueError("the reference set has no populated index (build it with populate=True)")
-    if refset.config.ctf_mode == "reference":
-        raise ValueError("--ctf-mode reference cannot be persisted (its index depends on the "
-                         "particles' defocus groups)")
+    if refset.config.ctf_mode in ("reference", "auto"):
+        raise ValueError(f"--ctf-mode {refset.config.ctf_mode} cannot be persisted (a reference-"
+                         "CTF index depends on the particles' defocus groups)")
+    if refset.config.transform != "dft":
+        raise ValueError("--transform dct cannot be persisted (its gallery keeps whole "
+                         "spectra); build the index with --transform dft")
     path = Path(path)
     gallery = refset.gallery
     index = refset.index
@@ -132,6 +143,12 @@ def save_reference_index(path: str | Path, refset) -> dict:
         "shifts_yx_px": gallery.shifts_yx_px,
         "gallery_coeffs": gallery.coeffs.detach().cpu().numpy().astype(np.complex64),
     }
+    if refset.noise is not None:  # the whitening the gallery was built with
+        noise = refset.noise
+        arrays.update(noise_groups=np.asarray(noise.groups, np.int64),
+                      noise_power=np.asarray(noise.noise_power, np.float64),
+                      noise_total_power=np.asarray(noise.total_power, np.float64),
+                      noise_counts=np.asarray(noise.counts, np.int64))
     tmp = atomic_path(path)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -176,6 +193,18 @@ def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
             f"{swiftalign.__version__} (reads 1 to {INDEX_FORMAT_VERSION}); rebuild the index"
         )
     return manifest
+
+
+def manifest_config(manifest: dict) -> dict:
+    """The AlignConfig values of a manifest (format 1 files: no weighting, DFT).
+
+    Raises
+    ------
+    KeyError, TypeError
+        When the manifest has no ``config`` mapping.
+    """
+    base = _FORMAT_1_DEFAULTS if manifest.get("format_version") == 1 else {}
+    return {**base, **manifest["config"]}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -228,7 +257,7 @@ def read_header(path: str | Path) -> IndexHeader:
 
     manifest = read_manifest(path)
     try:
-        return IndexHeader(AlignConfig(**manifest["config"]),
+        return IndexHeader(AlignConfig(**manifest_config(manifest)),
                            float(manifest["pixel_size_angstrom"]), int(manifest["box_size"]),
                            str(path), manifest)
     except (KeyError, TypeError, ValueError) as exc:
@@ -269,13 +298,17 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
         try:
             for name in _ARRAYS:
                 arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")), allow_pickle=False)
+            if manifest_config(manifest).get("weighting", "none") != "none":
+                for name in _NOISE_ARRAYS:
+                    arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")),
+                                           allow_pickle=False)
             faiss_bytes = zf.read("faiss.index") if "faiss.index" in zf.namelist() else None
         except KeyError as exc:
             raise InputError(f"{path}: corrupt index file (missing {exc.args[0]})") from None
         except (zipfile.BadZipFile, ValueError, OSError) as exc:
             raise InputError(f"{path}: corrupt index file ({exc})") from None
     try:
-        config = AlignConfig(**manifest["config"])
+        config = AlignConfig(**manifest_config(manifest))
         sampling = Sampling(**manifest["sampling"])
         pixel_size = float(manifest["pixel_size_angstrom"])
         box = int(manifest["box_size"])
@@ -290,6 +323,17 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
             f"{path}: corrupt index file (gallery {coeffs.shape}, map "
             f"{arrays['reference'].shape}; expected ({n_images}, {disc.n_coeff}) and {(box,) * 3})"
         )
+    noise = weights = None
+    if "noise_power" in arrays:
+        from swiftalign.noise import NoiseSpectrum, coefficient_weights
+
+        noise = NoiseSpectrum(arrays["noise_groups"], arrays["noise_power"],
+                              arrays["noise_total_power"], arrays["noise_counts"])
+        if noise.noise_power.shape != (len(noise.groups), box // 2 + 1):
+            raise InputError(f"{path}: corrupt index file (noise spectrum "
+                             f"{noise.noise_power.shape})")
+        # the weights the gallery was built with (build_reference_set)
+        weights = coefficient_weights(noise.pooled(), disc, config.weighting)[0]
     gallery = Gallery(
         rot_tilt_deg=arrays["rot_tilt_deg"],
         psi_deg=arrays["psi_deg"],
@@ -297,6 +341,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
         coeffs=torch.as_tensor(coeffs, device=device),
         disc=disc,
         metric=config.metric,
+        weights=weights,
     )
     trained = None
     if faiss_bytes is not None:
@@ -319,7 +364,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
         trained.set_nprobe(populated.nprobe)
     reference = MapData(arrays["reference"].astype(np.float32, copy=False), pixel_size, path)
     return ReferenceSet(config, reference, pixel_size, box, sampling, disc, gallery, populated,
-                        source=str(path), timings={})
+                        source=str(path), timings={}, noise=noise)
 
 
 _CACHE: dict[tuple, object] = {}

@@ -12,7 +12,8 @@ coarse-to-fine refinement as future work).
 Distances use the global search's disc and metric; when CTF parameters are
 given the particle's own CTF is applied to the projections and compared with
 the uncorrected particle (the exact forward model, whatever the CTF mode of the
-global search).
+global search). Coefficient weights (noise whitening) multiply the projections'
+coefficients; the queries must carry the same weights.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def refine_local(
     pixel_size_angstrom: float = 1.0,
     batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
+    coefficient_weights: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coarse-to-fine local search around given poses.
 
@@ -107,6 +109,9 @@ def refine_local(
         Pixel size for the CTF.
     batch_size : int
         Particles per batch.
+    coefficient_weights : torch.Tensor, optional
+        `(n_coeff,)` shared or `(n, n_coeff)` per-particle real weights applied to
+        the projections (the queries carry the same weights).
 
     Returns
     -------
@@ -118,6 +123,8 @@ def refine_local(
         `(n,)` squared distance of the refined pose.
     """
     device = spectrum.rfft.device
+    if disc.transform != "dft":
+        raise ValueError("the local search compares Fourier-disc (dft) coefficients")
     n = queries.shape[0]
     box = disc.box_size
     disc_dev = disc.to(device)
@@ -146,6 +153,9 @@ def refine_local(
                     device=device,
                 )
                 coeffs = coeffs * extract_disc(c.to(torch.complex64), disc_dev)[:, None, :]
+            if coefficient_weights is not None:
+                w = coefficient_weights.to(device)
+                coeffs = coeffs * (w[start:stop, None, :] if w.ndim == 2 else w)
             cand_shift = shifts[start:stop, None, :] + grid2[None] * b  # (m, 9, 2)
             ramps = shift_phase_ramps(
                 disc_dev.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device)

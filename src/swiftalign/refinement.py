@@ -50,7 +50,9 @@ from swiftalign.alignment import (
     check_inputs,
     ctf_params_from_table,
     index_settings,
+    noise_spectrum_for,
     reference_ctf_pool,
+    resolve_ctf_mode,
     resolve_device,
 )
 from swiftalign.consensus import consensus
@@ -94,7 +96,9 @@ class RefineConfig(BaseModel):
     local_shift_px: float = Field(default=2.0, gt=0)
     max_shift_px: float = Field(default=DEFAULT_MAX_SHIFT_PX, ge=0)
     max_shift_later_px: float = Field(default=3.0, ge=0)
-    ctf_mode: str = "wiener"
+    ctf_mode: Literal["auto", "wiener", "reference", "none"] = "wiener"
+    weighting: Literal["none", "noise", "ssnr"] = "noise"
+    particle_diameter_angstrom: float | None = Field(default=None, gt=0)
     index: str = "auto"
     metric: str = "cosine"
     device: str = "cpu"
@@ -161,6 +165,44 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             tmp.unlink()
 
 
+def _save_noise(path: Path, noise) -> None:
+    """Noise spectra to ``.npz`` under a temporary name, then renamed."""
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
+                     total_power=noise.total_power, counts=noise.counts)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_noise(path: Path):
+    from swiftalign.noise import NoiseSpectrum
+
+    with np.load(path) as z:
+        return NoiseSpectrum(z["groups"], z["noise_power"], z["total_power"], z["counts"])
+
+
+def _residual_noise(images, table, half_maps, sel_of, cons, ctf, *, pixel_size, config):
+    """Noise spectra of the residuals of the kept particles against their own half maps."""
+    import torch
+
+    from swiftalign.noise import estimate_residual_noise_power, merge_spectra
+
+    device = resolve_device(config.device)
+    og_all = (table.particles["rlnOpticsGroup"].to_numpy()
+              if "rlnOpticsGroup" in table.particles else np.ones(len(table), int))
+    parts = []
+    for key, sel in sel_of.items():
+        parts.append(estimate_residual_noise_power(
+            images, sel, og_all[sel], torch.as_tensor(half_maps[key], device=device),
+            cons.euler_deg[sel], cons.shift_yx_px[sel], ctf=ctf,
+            pixel_size_angstrom=pixel_size, seed=config.seed))
+    return merge_spectra(parts)
+
+
 def _publish_final(out: Path, it_dir: Path) -> None:
     """Make ``out/final`` a copy of ``it_dir``; at every moment ``final`` is complete or absent.
 
@@ -188,7 +230,7 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
-                pixel_size, ctf, n_classes):
+                pixel_size, ctf, n_classes, table, noise):
     """Local search only: ±local_angle_deg and ±local_shift_px around the current poses,
     down to half the steps of ``t_align`` (thesis §7.3)."""
     import torch
@@ -201,9 +243,19 @@ def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_a
     device = resolve_device(config.device)
     box = images.box_size
     disc = make_disc(box, min(pixel_size / t_align, 0.5))
+    weights = group_of = None
+    if noise is not None:
+        from swiftalign.noise import coefficient_weights
+
+        weights = coefficient_weights(noise, disc.to(device), config.weighting)
+        og = (table.particles["rlnOpticsGroup"].to_numpy()[rows]
+              if "rlnOpticsGroup" in table.particles else np.ones(len(rows), int))
+        group_of = np.searchsorted(noise.groups, og)
     _, queries = particle_vectors(images, disc, ctf=None, pixel_size_angstrom=pixel_size,
                                   metric=config.metric, device=device, rows=rows,
-                                  recentre_shift_yx_px=shifts[rows])
+                                  recentre_shift_yx_px=shifts[rows],
+                                  coefficient_weights=weights, weight_group=group_of)
+    per_particle_w = None if weights is None else weights[torch.as_tensor(group_of)]
     fine = angular_step_deg(t_align, pixel_size, box) / 2
     rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
     best_d = np.full(len(rows), np.inf)
@@ -217,6 +269,7 @@ def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_a
             metric=config.metric, angle_step_deg=config.local_angle_deg,
             shift_step_px=config.local_shift_px, rounds=rounds,
             ctf=ctf.subset(rows) if ctf is not None else None, pixel_size_angstrom=pixel_size,
+            coefficient_weights=per_particle_w,
         )
         better = d < best_d
         best_d[better] = d[better]
@@ -297,6 +350,7 @@ def run_refinement(
     poses_prev = np.zeros((len(table), 3))
     classes_prev = np.zeros(len(table), dtype=int)
     start_it = 1
+    noise_path = None
     state_path = out / "state.json"
     if resume and state_path.exists():
         _remove_stale_temporaries(out)
@@ -311,10 +365,20 @@ def run_refinement(
         shifts_prev = np.load(last / "shifts.npy")
         poses_prev = np.load(last / "poses.npy")
         classes_prev = np.load(last / "classes.npy")
+        noise_path = last / "noise.npz"
         # a run killed after its state was saved but before final/ was replaced
         _publish_final(out, last)
         log.info("continuing after iteration %d (%.2f Å)", state["iteration"], resolution)
 
+    # noise spectra for --weighting: the background outside the particle mask
+    noise = None
+    if config.weighting != "none" and noise_path is not None and noise_path.exists():
+        noise = _load_noise(noise_path)  # the last iteration's residual spectra
+    elif config.weighting != "none":
+        noise = noise_spectrum_for(
+            table, images, np.arange(len(images)), pixel_size_angstrom=pixel_size,
+            particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
+            device=resolve_device(config.device))
     stalled = 0
     if len(history) >= 2:
         stalled = sum(1 for h in history[-2:] if h.get("stalled"))
@@ -342,7 +406,7 @@ def run_refinement(
                 e, sft, cl = _local_pass(
                     images, masked, h, rows, poses_prev, shifts_prev, classes_prev,
                     config=config, t_align=t_align, pixel_size=pixel_size, ctf=ctf,
-                    n_classes=n_classes,
+                    n_classes=n_classes, table=table, noise=noise,
                 )
                 euler_all[rows] = e[:, None]
                 shift_all[rows] = sft[:, None]
@@ -360,6 +424,7 @@ def run_refinement(
                     symmetry=sym,
                     max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
                     ctf_mode=config.ctf_mode,
+                    weighting=config.weighting,
                     index=config.index,
                     metric=config.metric,
                     device=config.device,
@@ -369,11 +434,13 @@ def run_refinement(
                 # each repetition's own perturbed reference set; one index trained on all
                 # of them (per half and class: halves stay independent)
                 refsets = [build_reference_set(ref_c, acfg, pixel_size_angstrom=pixel_size,
-                                               progress=progress) for acfg in acfgs]
+                                               noise=noise, progress=progress)
+                           for acfg in acfgs]
                 trained = train_index(
                     [rs.gallery for rs in refsets], index_settings(acfgs[0]),
                     n_particles=len(rows), device=resolve_device(config.device),
-                    ctf_disc_pool=None if ctf is None or config.ctf_mode != "reference" else
+                    ctf_disc_pool=None if ctf is None or
+                    resolve_ctf_mode(config.ctf_mode, t_global) != "reference" else
                     reference_ctf_pool(ctf.subset(rows), refsets[0].disc, acfgs[0],
                                        pixel_size_angstrom=pixel_size),
                 )
@@ -385,6 +452,7 @@ def run_refinement(
                         local_resolution_angstrom=t_align,
                         trained_index=trained,
                         progress=progress,
+                        noise=noise,
                     )
                     for step, sec in res.timings.items():
                         timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
@@ -412,9 +480,10 @@ def run_refinement(
         t_step = time.perf_counter()
         inserted = _counter(progress, "reconstruction", int(keep.sum()))
         accs: dict[int, list] = {}
+        sel_of: dict[tuple[int, int], np.ndarray] = {}
         for c in range(n_classes):
             for h in (1, 2):
-                sel = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
+                sel = sel_of[(c, h)] = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
                 if len(sel) < 2:
                     raise InputError(
                         f"iteration {it}: class {c + 1} half {h} kept only {len(sel)} particles"
@@ -428,6 +497,13 @@ def run_refinement(
                     progress=inserted, accumulators=accs.setdefault(c, []),
                 )
         timings["reconstruct"] = time.perf_counter() - t_step
+        if config.weighting != "none":
+            # next iteration's weights: residuals against the maps just made (RELION's σ²)
+            t_step = time.perf_counter()
+            noise = _residual_noise(images, table, half_maps, sel_of, cons, ctf,
+                                    pixel_size=pixel_size, config=config)
+            _save_noise(it_dir / "noise.npz", noise)
+            timings["noise"] = time.perf_counter() - t_step
         t_step = time.perf_counter()
         resolutions = []
         for c in range(n_classes):

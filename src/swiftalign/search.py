@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from swiftalign.fourier import disc_to_vectors, normalise_vectors, shift_phase_ramps
+from swiftalign.fourier import disc_to_vectors, normalise_vectors
 from swiftalign.gallery import Gallery
 
 __all__ = [
@@ -238,7 +238,7 @@ def _block_images(gallery: Gallery, budget: int, n_queries: int) -> int:
     """Rotated-gallery images per block so that vectors and scores fit in ``budget`` bytes."""
     # regenerated vectors (and their complex intermediates) plus the score matrix and
     # top-k workspace
-    per_image = gallery.n_shifts * (gallery.disc.dim * 4 * 4 + max(n_queries, 1) * 4 * 2)
+    per_image = gallery.n_shifts * (gallery.bytes_per_vector + max(n_queries, 1) * 4 * 2)
     return max(1, int(budget // max(per_image, 1)))
 
 
@@ -292,7 +292,8 @@ def rescore(
         Matches to keep.
     ctf_disc : torch.Tensor, optional
         CTF on the disc applied to the references: `(n_coeff,)` shared by all
-        particles, or `(n, n_coeff)` one per particle.
+        particles, or `(n, n_coeff)` one per particle (``dct``: full rfft grids,
+        `(N, N // 2 + 1)` or `(n, N, N // 2 + 1)`).
     budget : int
         Bytes for regenerated vectors per chunk.
 
@@ -303,15 +304,16 @@ def rescore(
     """
     device = gallery.coeffs.device
     n, c = candidates.shape
-    per_query = c * gallery.disc.dim * 4 * 4
+    per_query = c * gallery.bytes_per_vector
     step = max(1, int(budget // max(per_query, 1)))
-    per_particle = ctf_disc is not None and ctf_disc.ndim == 2
+    per_particle = ctf_disc is not None and ctf_disc.ndim == (
+        2 if gallery.disc.transform == "dft" else 3)
     out_d, out_i = [], []
     for start in range(0, n, step):
         cand = candidates[start : start + step].to(device)
         valid = cand >= 0
         safe = torch.where(valid, cand, torch.zeros_like(cand))
-        ctf = ctf_disc[start : start + step, None, :].to(device) if per_particle else ctf_disc
+        ctf = ctf_disc[start : start + step].unsqueeze(1).to(device) if per_particle else ctf_disc
         vecs = gallery.vectors(safe, ctf_disc=ctf)  # (b, c, dim)
         q = queries[start : start + step].to(device)
         d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
@@ -340,14 +342,18 @@ def _augmented_vectors(
     radius = max_shift * np.sqrt(rng.uniform(0, 1, n))
     angle = rng.uniform(0, 2 * np.pi, n)
     shifts = np.stack([radius * np.sin(angle), radius * np.cos(angle)], axis=1)
-    ramps = shift_phase_ramps(
-        gallery.disc.freqs_yx, torch.as_tensor(shifts, dtype=torch.float32, device=device)
-    )
-    coeffs = gallery.coeffs[images] * ramps
+    ctf = None
     if ctf_disc_pool is not None:
         pick = torch.as_tensor(rng.integers(0, ctf_disc_pool.shape[0], n), device=device)
-        coeffs = coeffs * ctf_disc_pool[pick]
-    return normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+        ctf = ctf_disc_pool[pick]
+    shifts_t = torch.as_tensor(shifts, dtype=torch.float32)
+    out = []
+    for start in range(0, n, 4096):  # bounded memory (DCT references need full grids)
+        sl = slice(start, start + 4096)
+        coeffs = gallery.features(images[sl], shifts_t[sl], ctf=None if ctf is None else ctf[sl])
+        out.append(normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size),
+                                     gallery.metric))
+    return torch.cat(out)
 
 
 def _faiss_reason(exc: RuntimeError) -> str:

@@ -4,9 +4,12 @@ Uniform random orientations (mapped into the asymmetric unit of the symmetry
 group), Fourier-slice projections, Gaussian in-plane shifts truncated at
 ``max_shift_px`` (default: ``align``'s default ``--max-shift``, so every true
 shift is inside the default search; shifts beyond it are redrawn), per-particle
-astigmatic CTF, white Gaussian noise at a given SNR, where
+astigmatic CTF, Gaussian noise at a given SNR, where
 SNR = variance of the clean CTF-modulated projection over the box / noise
-variance (per particle).
+variance (per particle). The noise is white, or coloured with a power spectrum
+``∝ 1/|k|^a`` (``noise_psd_exponent = a``; ``a ≈ 1`` resembles the 1/f-like
+background of real ice), shaped in Fourier space (|k| floored at 1/N) and
+normalised so that its pixel variance, hence the SNR definition, is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from swiftalign.conventions import (
     centred_irfft2,
     centred_rfft2,
     euler_to_matrix,
+    fftfreq_grid_rfft2,
     matrix_to_euler,
     shift_px_to_origin_angstrom,
 )
@@ -34,7 +38,30 @@ from swiftalign.projection import project
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 from swiftalign.symmetry import symmetry_matrices, to_asymmetric_unit
 
-__all__ = ["SimulationConfig", "simulate_particles", "write_dataset"]
+__all__ = ["SimulationConfig", "simulate_particles", "write_dataset", "noise_colour_filter"]
+
+
+def noise_colour_filter(box_size: int, psd_exponent: float) -> torch.Tensor:
+    """Amplitude filter ``|k|^(−a/2)`` on the centred-rfft grid, unit mean power.
+
+    Parameters
+    ----------
+    box_size : int
+        Image side ``N``.
+    psd_exponent : float
+        ``a`` of the noise power spectrum ``∝ 1/|k|^a`` (0: white).
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, N // 2 + 1)` float32; white noise of variance σ² filtered by it keeps
+        variance σ² (the mean of the squared filter over the full `(N, N)` grid is 1).
+    """
+    k = fftfreq_grid_rfft2(box_size, dtype=torch.float64).norm(dim=-1).clamp_min(1.0 / box_size)
+    ky = torch.fft.fftfreq(box_size, dtype=torch.float64)
+    full = torch.sqrt(ky[:, None] ** 2 + ky[None, :] ** 2).clamp_min(1.0 / box_size)
+    norm = torch.sqrt((full ** (-psd_exponent)).mean())
+    return (k ** (-psd_exponent / 2.0) / norm).to(torch.float32)
 
 
 @dataclass
@@ -53,6 +80,7 @@ class SimulationConfig:
     amplitude_contrast: float = 0.1
     symmetry: str = "C1"
     ctf: bool = True
+    noise_psd_exponent: float = 0.0
     seed: int = 0
     batch_size: int = 256
 
@@ -98,7 +126,7 @@ def simulate_particles(
     Raises
     ------
     ValueError
-        For a non-cubic map or an unset pixel size.
+        For a non-cubic map, an unset pixel size or a negative noise_psd_exponent.
     """
     vol = reference.data
     if len(set(vol.shape)) != 1:
@@ -106,6 +134,9 @@ def simulate_particles(
     ps = pixel_size_angstrom or reference.voxel_size_angstrom
     if not ps or ps <= 0:
         raise ValueError(f"{reference.path}: voxel size is 0; pass --angpix")
+    if not config.noise_psd_exponent >= 0:
+        raise ValueError(f"--noise-color {config.noise_psd_exponent}: the noise power-spectrum "
+                         "exponent must be >= 0 (0 white, 1 for 1/f)")
     n, box = config.n_particles, vol.shape[0]
     rng = np.random.default_rng(config.seed)
     rel = Rotation.random(n, random_state=rng).as_matrix()
@@ -122,6 +153,7 @@ def simulate_particles(
     gen = torch.Generator().manual_seed(config.seed)
     images = np.empty((n, box, box), dtype=np.float32)
     snr = 10.0 ** (config.snr_db / 10.0)
+    colour = noise_colour_filter(box, config.noise_psd_exponent) if config.noise_psd_exponent else None
     for start in range(0, n, config.batch_size):
         stop = min(n, start + config.batch_size)
         proj = project(volume, torch.as_tensor(euler_to_matrix(euler[start:stop]),
@@ -132,7 +164,10 @@ def simulate_particles(
             proj = centred_irfft2(centred_rfft2(proj) * c, (box, box))
         var = proj.var(dim=(-2, -1), keepdim=True)
         sigma = torch.sqrt(var / snr)
-        noise = torch.randn(proj.shape, generator=gen) * sigma
+        noise = torch.randn(proj.shape, generator=gen)
+        if colour is not None:
+            noise = centred_irfft2(centred_rfft2(noise) * colour, (box, box))
+        noise = noise * sigma
         images[start:stop] = (proj + noise).numpy()
     origin = shift_px_to_origin_angstrom(shifts, ps)
     truth = pd.DataFrame(

@@ -42,6 +42,7 @@ _INDEX_OPTIONS = {
     "angular_step": "angular_step_deg", "psi_step": "psi_step_deg",
     "shift_step": "shift_step_px", "max_shift": "max_shift_px", "ctf_mode": "ctf_mode",
     "index": "index", "metric": "metric", "seed": "seed", "target_recall": "target_recall",
+    "weighting": "weighting", "transform": "transform",
 }
 
 
@@ -88,7 +89,17 @@ def align_command(
     = DEFAULT_MAX_SHIFT_PX,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
-        "groups applied to references; none: no CTF.")] = "wiener",
+        "groups applied to references; auto: reference below 22 Å, else wiener (measured, "
+        "README); none: no CTF.")] = "auto",
+    weighting: Annotated[str, typer.Option(
+        help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
+        "by the noise power measured outside the particle mask per optics group; ssnr: "
+        "whitening × SSNR/(1+SSNR).")] = "noise",
+    transform: Annotated[str, typer.Option(
+        help="Search features: dft (Fourier disc) or dct (orthonormal 2D DCT quarter disc; "
+        "shifts applied on the full image, slower).")] = "dft",
+    particle_diameter: Annotated[float | None, typer.Option(
+        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
     index: Annotated[str, typer.Option(
         help="FAISS factory string (Flat, PCA128,Flat, IVF1024,PQ32, "
         "OPQ32_128,IVF1024,PQ32 …), auto (exact up to 200k poses, else IVF-PQ) or "
@@ -108,6 +119,9 @@ def align_command(
                                    "OUTPUT_topK.star).")] = 1,
     local_rounds: Annotated[int, typer.Option(
         help="Rounds of local refinement around the best match (0: off).")] = 2,
+    local_resolution_factor: Annotated[float, typer.Option(
+        help="The local refinement compares frequencies up to resolution × this factor "
+        "(0–1, Nyquist-capped; 1: the global disc).")] = 0.5,
     device: DeviceOption = "cpu",
     gpu_fp16: Annotated[bool, typer.Option(
         help="FAISS on the GPU stores codes/lookup tables in float16 (large indexes).")] = False,
@@ -131,8 +145,9 @@ def align_command(
     setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
     t_start = time.perf_counter()
     run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
-           "local_rounds": local_rounds, "device": device, "gpu_float16": gpu_fp16,
-           "max_memory_gb": max_memory}
+           "local_rounds": local_rounds, "local_resolution_factor": local_resolution_factor,
+           "particle_diameter_angstrom": particle_diameter, "device": device,
+           "gpu_float16": gpu_fp16, "max_memory_gb": max_memory}
     try:
         if (particles is None) == (watch is None):
             raise ValueError("give either a PARTICLES.star file or --watch DIR")
@@ -145,17 +160,18 @@ def align_command(
         if watch is not None and k > 1:
             raise ValueError("-k > 1 is not supported with --watch")
         if index_file is not None:
-            from swiftalign.index_file import read_manifest
+            from swiftalign.index_file import manifest_config, read_manifest
 
             if reference is not None:
                 raise ValueError(f"--reference and --index-file are exclusive: {index_file} "
                                  "holds its reference map")
-            base = read_manifest(index_file)["config"]
+            base = manifest_config(read_manifest(index_file))
             given = {"resolution": resolution, "symmetry": symmetry,
                      "angular_step": angular_step, "psi_step": psi_step,
                      "shift_step": shift_step, "max_shift": max_shift, "ctf_mode": ctf_mode,
                      "index": index, "metric": metric, "seed": seed,
-                     "target_recall": target_recall}
+                     "target_recall": target_recall, "weighting": weighting,
+                     "transform": transform}
             for option, name in _INDEX_OPTIONS.items():
                 source = ctx.get_parameter_source(option)
                 if getattr(source, "name", "") == "COMMANDLINE":
@@ -172,8 +188,8 @@ def align_command(
             config = AlignConfig(
                 resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
                 psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
-                ctf_mode=ctf_mode, index=index, target_recall=target_recall, metric=metric,
-                seed=seed, **run,
+                ctf_mode=ctf_mode, weighting=weighting, transform=transform, index=index,
+                target_recall=target_recall, metric=metric, seed=seed, **run,
             )
         config.symmetry_checked()
     except (ValidationError, *USER_ERRORS) as exc:

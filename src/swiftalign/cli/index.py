@@ -6,7 +6,11 @@ everything to one file: the FAISS index, the pose table, the rotated-gallery
 coefficients, the reference map and every parameter (resolution, steps,
 symmetry, CTF mode, pixel size, box, version). ``swiftalign align --index-file``
 then only queries it. ``--ctf-mode reference`` cannot be persisted (its index
-depends on the particles' defocus groups).
+depends on the particles' defocus groups). Noise weighting (``align
+--weighting``) needs the particles' noise spectrum: give ``--particles`` (a
+representative set from the same detector and ice) and the spectrum is
+estimated from them and stored; every dataset aligned with the file is then
+whitened by it. Without ``--particles`` the index is unweighted.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def build_command(
     shift_step: Annotated[float | None, typer.Option(
         help="Shift step (px); default Tmax/(2·Ts).")] = None,
     max_shift: Annotated[float, typer.Option(help="Largest shift searched (px).")] = 8.0,
+    particles: Annotated[Path | None, typer.Option(
+        "--particles", help="Particles (STAR/.cs) whose noise spectrum whitens the index "
+        "(--weighting); default: no weighting.")] = None,
+    weighting: Annotated[str | None, typer.Option(
+        help="none, noise or ssnr (see align); default noise with --particles, else "
+        "none.")] = None,
+    particle_diameter: Annotated[float | None, typer.Option(
+        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
+    angpix: Annotated[float | None, typer.Option(
+        help="Pixel size of --particles (Å/px) when their file has none.")] = None,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener (particles with a CTF) or none (CTF-free particles); reference "
         "cannot be persisted.")] = "wiener",
@@ -81,11 +95,17 @@ def build_command(
     output = Path(output)
     setup_logging(verbose, quiet, output.with_name(output.name + ".log"))
     t_start = time.perf_counter()
+    if weighting is None:
+        weighting = "noise" if particles is not None else "none"
     try:
+        if weighting != "none" and particles is None:
+            raise ValueError(f"--weighting {weighting} needs --particles to estimate the noise "
+                             "spectrum from (or use --weighting none)")
         config = AlignConfig(
             resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
             psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
-            ctf_mode=ctf_mode, index=index, target_recall=target_recall, rerank=rerank,
+            ctf_mode=ctf_mode, weighting=weighting, particle_diameter_angstrom=particle_diameter,
+            index=index, target_recall=target_recall, rerank=rerank,
             metric=metric, device=device, gpu_float16=gpu_fp16, max_memory_gb=max_memory,
             seed=seed,
         )
@@ -102,10 +122,18 @@ def build_command(
         if ps <= 0:
             raise ValueError(f"{reference}: voxel size is 0 in the header; pass --pixel-size "
                              "or --reference-angpix")
+        noise = None
+        if particles is not None:
+            noise, particle_ps = _noise_from_particles(particles, config, angpix=angpix)
+            if pixel_size is None:
+                ps = particle_ps
+            elif abs(particle_ps - ps) > 1e-3 * ps:
+                raise ValueError(f"--pixel-size {ps} differs from the pixel size of {particles} "
+                                 f"({particle_ps} Å)")
         ref = reference_at_pixel_size(ref, ps)
         with progress_bars(quiet) as progress:
             refset = build_reference_set(ref, config, pixel_size_angstrom=ps, populate=True,
-                                         progress=progress)
+                                         noise=noise, progress=progress)
         manifest = save_reference_index(output, refset)
     except USER_ERRORS as exc:
         fail(exc)
@@ -119,6 +147,26 @@ def build_command(
             f"populate {t.get('populate', 0):.1f} s) → {output} "
             f"({output.stat().st_size / 1024**2:.1f} MB)"
         )
+
+
+def _noise_from_particles(path: Path, config, *, angpix: float | None):
+    """Noise spectra of the particles in ``path`` and their pixel size (Å/px)."""
+    import numpy as np
+
+    from swiftalign.alignment import noise_spectrum_for, resolve_device
+    from swiftalign.io.particles import open_usable_particles
+    from swiftalign.io.star import read_particles
+
+    table = read_particles(path, angpix=angpix)
+    table, images = open_usable_particles(table)
+    ps = table.pixel_size_angstrom
+    if not np.allclose(ps, ps[0], rtol=1e-4):
+        raise ValueError(f"{path}: optics groups have different pixel sizes")
+    noise = noise_spectrum_for(table, images, np.arange(len(images)),
+                               pixel_size_angstrom=float(ps[0]),
+                               particle_diameter_angstrom=config.particle_diameter_angstrom,
+                               seed=config.seed, device=resolve_device(config.device))
+    return noise, float(ps[0])
 
 
 @index_app.command("info", help="Print the parameters stored in an index file (JSON).")

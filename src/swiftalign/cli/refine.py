@@ -84,7 +84,15 @@ def refine_command(
         "from each iteration's average map).")] = None,
     ctf_mode: Annotated[str, typer.Option(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF groups "
-        "applied to references; none: no CTF.")] = "wiener",
+        "applied to references; auto: by resolution (see align); none: no CTF. Default "
+        "wiener: every global candidate is re-scored, and the local search run, with each "
+        "particle's own CTF on the reference anyway, so reference mode changes only the "
+        "candidate list, at ~10× the search time.")] = "wiener",
+    weighting: Annotated[str, typer.Option(
+        help="Fourier-coefficient weights in the distance: none, noise (1/σ whitening by the "
+        "noise power outside the particle mask, per optics group) or ssnr (see align).")] = "noise",
+    particle_diameter: Annotated[float | None, typer.Option(
+        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
     index: Annotated[str, typer.Option(
         help="FAISS factory string (see align --index) or auto.")] = "auto",
     reconstruction: Annotated[str, typer.Option(
@@ -125,7 +133,9 @@ def refine_command(
             repetitions=repetitions, iterations=iterations, fsc_threshold=fsc_threshold,
             low_resolution_join_angstrom=low_resolution_join, local_passes=local_passes,
             local_angle_deg=local_angle, local_shift_px=local_shift, max_shift_px=max_shift,
-            max_shift_later_px=max_shift_later, ctf_mode=ctf_mode, index=index, device=device,
+            max_shift_later_px=max_shift_later, ctf_mode=ctf_mode, weighting=weighting,
+            particle_diameter_angstrom=particle_diameter, index=index,
+            device=device,
             max_memory_gb=max_memory, seed=seed, reconstruction=reconstruction,
             mask_path=str(mask) if mask else None,
             solvent_mask_path=str(solvent_mask) if solvent_mask else None,

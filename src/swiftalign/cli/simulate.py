@@ -44,6 +44,9 @@ def simulate_command(
     voltage: Annotated[float, typer.Option(help="Voltage (kV).")] = 300.0,
     cs: Annotated[float, typer.Option(help="Spherical aberration (mm).")] = 2.7,
     amplitude_contrast: Annotated[float, typer.Option(help="Amplitude contrast (fraction).")] = 0.1,
+    noise_color: Annotated[float, typer.Option(
+        help="Exponent a of the noise power spectrum 1/|k|^a (0 white, 1 for 1/f-like ice "
+        "background); the pixel variance, hence --snr-db, is unchanged.")] = 0.0,
     no_ctf: Annotated[bool, typer.Option("--no-ctf", help="Do not apply a CTF.")] = False,
     angpix: Annotated[float | None, typer.Option(help="Map voxel size (Å) when the header "
                                                  "says 0; also the particles' pixel size.")] = None,
@@ -64,6 +67,8 @@ def simulate_command(
         if not 0 < defocus_min <= defocus_max:
             raise ValueError(f"--defocus-min {defocus_min} / --defocus-max {defocus_max}: need "
                              "0 < min <= max (Å)")
+        if not noise_color >= 0:
+            raise ValueError(f"--noise-color {noise_color}: must be >= 0 (0 white, 1 for 1/f)")
         if astigmatism_max < 0 or shift_sigma < 0 or max_shift < 0:
             raise ValueError("--astigmatism-max, --shift-sigma and --max-shift must not be "
                              "negative")
@@ -74,6 +79,7 @@ def simulate_command(
             defocus_min_angstrom=defocus_min, defocus_max_angstrom=defocus_max,
             astigmatism_max_angstrom=astigmatism_max, voltage_kv=voltage, cs_mm=cs,
             amplitude_contrast=amplitude_contrast, symmetry=symmetry, ctf=not no_ctf, seed=seed,
+            noise_psd_exponent=noise_color,
         )
         from swiftalign.symmetry import parse_symmetry
 
