@@ -65,8 +65,10 @@ def _poses(star: Path, truth_names: list[str]) -> tuple[np.ndarray, np.ndarray, 
     return euler, shift, rows
 
 
-def _relion_timeline(rdir: Path, started: float) -> list[dict]:
-    """Per finished RELION iteration: seconds since start and our FSC0.143 of its half maps."""
+def _relion_timeline(rdir: Path, started: float, truth_names, true_euler,
+                     true_shift) -> list[dict]:
+    """Per finished RELION iteration: seconds since start, our FSC0.143 of its half maps and
+    the median angular error of its poses."""
     out = []
     for opt in sorted(rdir.glob("run_it[0-9][0-9][0-9]_optimiser.star")):
         it = int(re.search(r"_it(\d+)_", opt.name).group(1))
@@ -74,8 +76,11 @@ def _relion_timeline(rdir: Path, started: float) -> list[dict]:
         h2 = rdir / f"run_it{it:03d}_half2_class001.mrc"
         if it == 0 or not (h1.exists() and h2.exists()):
             continue
+        e, s, rows = _poses(rdir / f"run_it{it:03d}_data.star", truth_names)
+        ang, _ = errors(e, s, true_euler[rows], true_shift[rows])
         out.append({"iteration": it, "wall_s": opt.stat().st_mtime - started,
-                    "resolution_angstrom": _fsc_resolution(h1, h2)})
+                    "resolution_angstrom": _fsc_resolution(h1, h2),
+                    "median_deg": float(np.median(ang))})
     return out
 
 
@@ -143,7 +148,7 @@ def main() -> str:
         if err:
             return f"B3: relion_refine_mpi failed:\n{err}"
         started = float((rdir / "started_epoch.txt").read_text())
-    timeline = _relion_timeline(rdir, started)
+    timeline = _relion_timeline(rdir, started, truth_names, true_euler, true_shift)
     if finished:
         r_res = _fsc_resolution(rdir / "run_half1_class001_unfil.mrc",
                                 rdir / "run_half2_class001_unfil.mrc")
@@ -178,23 +183,31 @@ def main() -> str:
 
     match = [t for t in timeline if t["resolution_angstrom"] <= (1 + MATCH) * o_res]
     relion_match_s = match[0]["wall_s"] if match else None
+    o_med = float(np.median(o_ang))
+    as_good = [t for t in timeline if t["median_deg"] <= o_med]
+    relion_err_s = as_good[0]["wall_s"] if as_good else None
     bound = "" if finished else ">= "
     rows_out = [
         {"program": "RELION 3.1 auto-refine (3 MPI ranks)"
-         + ("" if finished else f", stopped at {RELION_LIMIT_S:.0f} s"),
+         + ("" if finished else f", stopped unconverged after iteration "
+            f"{timeline[-1]['iteration']}"),
          "wall_s": relion_s, "resolution_angstrom": r_res,
          "median_deg": float(np.median(r_ang)), "p90_deg": float(np.percentile(r_ang, 90)),
          "median_shift_px": float(np.median(r_sh)),
-         "time_to_match_s": relion_match_s},
+         "time_to_match_s": relion_match_s, "time_to_error_s": relion_err_s},
         {"program": "swiftalign refine", "wall_s": ours_s, "resolution_angstrom": o_res,
          "median_deg": float(np.median(o_ang)), "p90_deg": float(np.percentile(o_ang, 90)),
-         "median_shift_px": float(np.median(o_sh)), "time_to_match_s": ours_s},
+         "median_shift_px": float(np.median(o_sh)), "time_to_match_s": ours_s,
+         "time_to_error_s": ours_s},
         {"program": f"ratio RELION / swiftalign ({bound or 'complete'})",
          "wall_s": relion_s / ours_s, "resolution_angstrom": o_res / r_res,
-         "time_to_match_s": None if relion_match_s is None else relion_match_s / ours_s},
+         "time_to_match_s": None if relion_match_s is None else relion_match_s / ours_s,
+         "time_to_error_s": (f">= {relion_s / ours_s:.1f}" if relion_err_s is None
+                             else relion_err_s / ours_s)},
     ]
     cols = [("program", "program", ""), ("wall_s", "wall time (s)", ".1f"),
-            ("time_to_match_s", "time to ≤ 1.05 × ours (s)", ".1f"),
+            ("time_to_match_s", "time to ≤ 1.05 × our FSC0.143 (s)", ".1f"),
+            ("time_to_error_s", "time to ≤ our median error (s)", ".1f"),
             ("resolution_angstrom", "FSC0.143 (Å)", ".2f"), ("median_deg", "median error (°)", ".2f"),
             ("p90_deg", "p90 error (°)", ".1f"), ("median_shift_px", "median shift error (px)", ".2f")]
     return write_results("b3_relion", rows_out, cols, extra={
