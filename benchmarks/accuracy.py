@@ -232,7 +232,7 @@ def main_refine(quick: bool = False) -> str:
     init = TMP / "trpv1_init30.mrc"
     write_map(init, lowpass(ref.data, 30.0, ps), ps)
     truth = starfile.read(star, always_dict=True)["particles"]
-    index = {name: i for i, name in enumerate(truth["rlnImageName"])}
+    index = {name.split("@")[0]: i for i, name in enumerate(truth["rlnImageName"])}
     true_euler = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     rows = []
     for weighting in ("none", "noise"):
@@ -250,7 +250,8 @@ def main_refine(quick: bool = False) -> str:
                  if (out / "final" / f).exists()]
         got = np.concatenate([p[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
                               for p in parts])
-        idx = np.concatenate([[index[x] for x in p["rlnImageName"]] for p in parts])
+        idx = np.concatenate([[index[x.split("@")[0]] for x in p["rlnImageName"]]
+                              for p in parts])
         err = symmetric_angular_error_deg(got, true_euler[idx], "C4")
         hist = run["history"]
         rows.append({"weighting": weighting, "n_particles": n,

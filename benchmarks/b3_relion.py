@@ -18,7 +18,8 @@ A RELION run stopped by the budget gives lower bounds (">=").
 
 Environment: ``SWIFTALIGN_B3_PARTICLES`` (2000), ``SWIFTALIGN_B3_RELION_LIMIT_S``
 (3600), ``SWIFTALIGN_B3_REUSE_RELION=1`` keeps a RELION run already in the work folder
-(its start time is in ``relion/started_epoch.txt``) and reruns only swiftalign.
+(its start time is in ``relion/started_epoch.txt``, the time it was stopped unconverged
+in ``relion/stopped_epoch.txt``) and reruns only swiftalign.
 Skipped with a message when ``relion_refine_mpi`` or ``mpirun`` is absent.
 """
 
@@ -93,6 +94,7 @@ def _run_relion(cmd: list[str], cwd: Path, rdir: Path) -> tuple[float, bool, str
     try:
         _, err = proc.communicate(timeout=RELION_LIMIT_S)
     except subprocess.TimeoutExpired:
+        (rdir / "stopped_epoch.txt").write_text(f"{time.time():.3f}\n")
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.communicate(timeout=30)
@@ -138,7 +140,9 @@ def main() -> str:
         finished = (rdir / "wall_s.txt").exists()
         if finished:
             relion_s = float((rdir / "wall_s.txt").read_text())
-        else:  # stopped by a budget: the last iteration written
+        elif (rdir / "stopped_epoch.txt").exists():  # stopped by a budget, unconverged
+            relion_s = float((rdir / "stopped_epoch.txt").read_text()) - started
+        else:  # interrupted: the last iteration written
             relion_s = max(p.stat().st_mtime for p in rdir.glob("run_it*_optimiser.star")) \
                 - started
     else:
@@ -189,8 +193,8 @@ def main() -> str:
     bound = "" if finished else ">= "
     rows_out = [
         {"program": "RELION 3.1 auto-refine (3 MPI ranks)"
-         + ("" if finished else f", stopped unconverged after iteration "
-            f"{timeline[-1]['iteration']}"),
+         + ("" if finished else f", stopped unconverged at {relion_s:.0f} s (last "
+            f"iteration done: {timeline[-1]['iteration']})"),
          "wall_s": relion_s, "resolution_angstrom": r_res,
          "median_deg": float(np.median(r_ang)), "p90_deg": float(np.percentile(r_ang, 90)),
          "median_shift_px": float(np.median(r_sh)),
