@@ -17,14 +17,19 @@ final resolution, and the ratios of both RELION times to swiftalign's whole refi
 A RELION run stopped by the budget gives lower bounds (">=").
 
 Environment: ``SWIFTALIGN_B3_PARTICLES`` (2000), ``SWIFTALIGN_B3_RELION_LIMIT_S``
-(3600), ``SWIFTALIGN_B3_REUSE_RELION=1`` keeps a RELION run already in the work folder
-(its start time is in ``relion/started_epoch.txt``, the time it was stopped unconverged
-in ``relion/stopped_epoch.txt``) and reruns only swiftalign.
+(3600, RELION's total budget), ``SWIFTALIGN_B3_REUSE_RELION=1`` keeps a RELION run already
+in the work folder and reruns only swiftalign; ``SWIFTALIGN_B3_CONTINUE_RELION=1`` resumes
+a stopped RELION run from its last finished iteration (``relion_refine_mpi --continue``)
+within the rest of the budget. RELION's clock is kept in ``relion/segments.json`` (wall
+time of each run segment; the time lost in an interrupted iteration is not counted), and
+``relion/wall_s.txt`` (converged) or ``relion/stopped_s.txt`` (stopped unconverged) hold
+its total.
 Skipped with a message when ``relion_refine_mpi`` or ``mpirun`` is absent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -43,6 +48,7 @@ from benchmarks.common import MAP, RESULTS, errors, simulated_dataset, write_res
 N_PARTICLES = int(os.environ.get("SWIFTALIGN_B3_PARTICLES", "2000"))
 RELION_LIMIT_S = float(os.environ.get("SWIFTALIGN_B3_RELION_LIMIT_S", "3600"))
 REUSE_RELION = os.environ.get("SWIFTALIGN_B3_REUSE_RELION", "0") == "1"
+CONTINUE_RELION = os.environ.get("SWIFTALIGN_B3_CONTINUE_RELION", "0") == "1"
 PIXEL_SIZE = 4.88
 #: RELION's resolution counts as matching ours within this fraction.
 MATCH = 0.05
@@ -66,7 +72,21 @@ def _poses(star: Path, truth_names: list[str]) -> tuple[np.ndarray, np.ndarray, 
     return euler, shift, rows
 
 
-def _relion_timeline(rdir: Path, started: float, truth_names, true_euler,
+def _segments(rdir: Path) -> list[dict]:
+    """RELION run segments: ``start_epoch`` and RELION seconds ``offset_s`` at that moment."""
+    path = rdir / "segments.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return [{"start_epoch": float((rdir / "started_epoch.txt").read_text()), "offset_s": 0.0}]
+
+
+def _relion_time(segments: list[dict], epoch: float) -> float:
+    """RELION seconds at a wall-clock epoch."""
+    seg = [s for s in segments if s["start_epoch"] <= epoch + 1e-3][-1]
+    return seg["offset_s"] + epoch - seg["start_epoch"]
+
+
+def _relion_timeline(rdir: Path, segments: list[dict], truth_names, true_euler,
                      true_shift) -> list[dict]:
     """Per finished RELION iteration: seconds since start, our FSC0.143 of its half maps and
     the median angular error of its poses."""
@@ -79,34 +99,42 @@ def _relion_timeline(rdir: Path, started: float, truth_names, true_euler,
             continue
         e, s, rows = _poses(rdir / f"run_it{it:03d}_data.star", truth_names)
         ang, _ = errors(e, s, true_euler[rows], true_shift[rows])
-        out.append({"iteration": it, "wall_s": opt.stat().st_mtime - started,
+        out.append({"iteration": it, "wall_s": _relion_time(segments, opt.stat().st_mtime),
                     "resolution_angstrom": _fsc_resolution(h1, h2),
                     "median_deg": float(np.median(ang))})
     return out
 
 
-def _run_relion(cmd: list[str], cwd: Path, rdir: Path) -> tuple[float, bool, str]:
-    """Run RELION within the budget: (seconds, finished, error text)."""
+def _run_relion(cmd: list[str], cwd: Path, rdir: Path, offset_s: float
+                ) -> tuple[float, bool, str]:
+    """Run (a segment of) RELION within the rest of the budget.
+
+    Returns RELION's total seconds so far, whether it converged, and error text.
+    """
+    segments = _segments(rdir) if offset_s > 0 else []
     started = time.time()
-    (rdir / "started_epoch.txt").write_text(f"{started:.3f}\n")
+    segments.append({"start_epoch": started, "offset_s": offset_s})
+    (rdir / "segments.json").write_text(json.dumps(segments))
+    (rdir / "stopped_s.txt").unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=RELION_LIMIT_S)
+        _, err = proc.communicate(timeout=max(RELION_LIMIT_S - offset_s, 1.0))
     except subprocess.TimeoutExpired:
-        (rdir / "stopped_epoch.txt").write_text(f"{time.time():.3f}\n")
+        total = offset_s + time.time() - started
+        (rdir / "stopped_s.txt").write_text(f"{total:.3f}\n")
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-        return time.time() - started, False, ""
-    wall = time.time() - started
+        return total, False, ""
+    total = offset_s + time.time() - started
     if proc.returncode != 0:
-        return wall, False, err[-2000:]
-    (rdir / "wall_s.txt").write_text(f"{wall:.3f}\n")
-    return wall, True, ""
+        return total, False, err[-2000:]
+    (rdir / "wall_s.txt").write_text(f"{total:.3f}\n")
+    return total, True, ""
 
 
 def main() -> str:
@@ -134,25 +162,32 @@ def main() -> str:
            "--offset_range", "8", "--offset_step", "2", "--norm", "--scale",
            "--j", "1", "--pool", "10", "--dont_combine_weights_via_disc", "--pad", "2",
            "--low_resol_join_halves", "40"]
-    reuse = REUSE_RELION and (rdir / "started_epoch.txt").exists()
-    if reuse:
-        started = float((rdir / "started_epoch.txt").read_text())
-        finished = (rdir / "wall_s.txt").exists()
+    have = (rdir / "segments.json").exists() or (rdir / "started_epoch.txt").exists()
+    reuse = (REUSE_RELION or CONTINUE_RELION) and have
+    finished = reuse and (rdir / "wall_s.txt").exists()
+    if reuse and CONTINUE_RELION and not finished:
+        last = max(rdir.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
+        offset = _relion_time(_segments(rdir), last.stat().st_mtime)
+        cont = cmd[:6] + ["--continue", str(last), "--o", str(rdir / "run"), "--j", "1",
+                          "--pool", "10", "--dont_combine_weights_via_disc"]
+        relion_s, finished, err = _run_relion(cont, star.parent, rdir, offset)
+        if err:
+            return f"B3: relion_refine_mpi --continue failed:\n{err}"
+    elif reuse:
         if finished:
             relion_s = float((rdir / "wall_s.txt").read_text())
-        elif (rdir / "stopped_epoch.txt").exists():  # stopped by a budget, unconverged
-            relion_s = float((rdir / "stopped_epoch.txt").read_text()) - started
+        elif (rdir / "stopped_s.txt").exists():  # stopped by a budget, unconverged
+            relion_s = float((rdir / "stopped_s.txt").read_text())
         else:  # interrupted: the last iteration written
-            relion_s = max(p.stat().st_mtime for p in rdir.glob("run_it*_optimiser.star")) \
-                - started
+            relion_s = _relion_time(_segments(rdir), max(
+                p.stat().st_mtime for p in rdir.glob("run_it*_optimiser.star")))
     else:
         shutil.rmtree(rdir, ignore_errors=True)
         rdir.mkdir()
-        relion_s, finished, err = _run_relion(cmd, star.parent, rdir)
+        relion_s, finished, err = _run_relion(cmd, star.parent, rdir, 0.0)
         if err:
             return f"B3: relion_refine_mpi failed:\n{err}"
-        started = float((rdir / "started_epoch.txt").read_text())
-    timeline = _relion_timeline(rdir, started, truth_names, true_euler, true_shift)
+    timeline = _relion_timeline(rdir, _segments(rdir), truth_names, true_euler, true_shift)
     if finished:
         r_res = _fsc_resolution(rdir / "run_half1_class001_unfil.mrc",
                                 rdir / "run_half2_class001_unfil.mrc")
