@@ -10,14 +10,14 @@ and final ``*_unfil.mrc``), and final poses are compared with the ground truth
 (symmetry-aware angular error, shift error).
 
 RELION's auto-refine on two cores can take hours; ``SWIFTALIGN_B3_RELION_LIMIT_S``
-(default 3600 s) stops it after that budget. Either way the benchmark reports
+(default 1800 s) stops it after that budget. Either way the benchmark reports
 RELION's timeline (wall time at the end of each iteration and the resolution of that
 iteration's half maps), the time RELION needed to come within 5 % of swiftalign's
 final resolution, and the ratios of both RELION times to swiftalign's whole refinement.
 A RELION run stopped by the budget gives lower bounds (">=").
 
 Environment: ``SWIFTALIGN_B3_PARTICLES`` (2000), ``SWIFTALIGN_B3_RELION_LIMIT_S``
-(3600, RELION's total budget), ``SWIFTALIGN_B3_REUSE_RELION=1`` keeps a RELION run already
+(1800, RELION's total budget), ``SWIFTALIGN_B3_REUSE_RELION=1`` keeps a RELION run already
 in the work folder and reruns only swiftalign; ``SWIFTALIGN_B3_CONTINUE_RELION=1`` resumes
 a stopped RELION run from its last finished iteration (``relion_refine_mpi --continue``)
 within the rest of the budget. RELION's clock is kept in ``relion/segments.json`` (wall
@@ -46,7 +46,7 @@ import starfile
 from benchmarks.common import MAP, RESULTS, errors, simulated_dataset, write_results
 
 N_PARTICLES = int(os.environ.get("SWIFTALIGN_B3_PARTICLES", "2000"))
-RELION_LIMIT_S = float(os.environ.get("SWIFTALIGN_B3_RELION_LIMIT_S", "3600"))
+RELION_LIMIT_S = float(os.environ.get("SWIFTALIGN_B3_RELION_LIMIT_S", "1800"))
 REUSE_RELION = os.environ.get("SWIFTALIGN_B3_REUSE_RELION", "0") == "1"
 CONTINUE_RELION = os.environ.get("SWIFTALIGN_B3_CONTINUE_RELION", "0") == "1"
 PIXEL_SIZE = 4.88
