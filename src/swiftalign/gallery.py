@@ -22,7 +22,7 @@ Coefficient weights (noise whitening) multiply every regenerated feature.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -108,6 +108,16 @@ class Gallery:
     disc: Disc
     metric: str
     weights: torch.Tensor | None = None
+    _ramps: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def shift_ramps(self) -> torch.Tensor:
+        """`(n_shifts, n_coeff)` complex64 phase ramps of the shift grid on the disc (cached:
+        regenerating candidates then costs one multiplication, no trigonometry)."""
+        if self._ramps is None or self._ramps.device != self.coeffs.device:
+            shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32,
+                                     device=self.coeffs.device)
+            self._ramps = shift_phase_ramps(self.disc.freqs_yx.to(self.coeffs.device), shifts)
+        return self._ramps
 
     @property
     def n_images(self) -> int:
@@ -204,8 +214,15 @@ class Gallery:
         ids = ids.to(device)
         image = torch.div(ids, self.n_shifts, rounding_mode="floor")
         shift = ids - image * self.n_shifts
-        shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
-        coeffs = self.features(image, shifts[shift], ctf=ctf_disc)
+        if self.disc.transform == "dft":  # grid shifts: tabulated ramps
+            coeffs = self.coeffs[image] * self.shift_ramps()[shift]
+            if ctf_disc is not None:
+                coeffs = coeffs * ctf_disc
+            if self.weights is not None:
+                coeffs = coeffs * self.weights
+        else:
+            shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32, device=device)
+            coeffs = self.features(image, shifts[shift], ctf=ctf_disc)
         return normalise_vectors(disc_to_vectors(coeffs, self.disc.box_size), self.metric)
 
     def block_vectors(
