@@ -34,6 +34,12 @@ console = Console(stderr=True)
 
 # Options shared by the commands (one definition, one help text).
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:N (GPU N).")]
+WeightingOption = Annotated[str, typer.Option(
+    help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening by the "
+    "noise power outside the particle mask per optics group (refine: then of the residuals "
+    "against the half maps); ssnr: whitening × SSNR/(1+SSNR).")]
+ParticleDiameterOption = Annotated[float | None, typer.Option(
+    help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")]
 MaxMemoryOption = Annotated[float, typer.Option(
     help="Memory budget (GB) for the blocks of reference projections searched at once.")]
 AngpixOption = Annotated[float | None, typer.Option(

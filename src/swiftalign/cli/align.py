@@ -24,9 +24,11 @@ from swiftalign.cli._common import (
     DeviceOption,
     MaxBadFractionOption,
     MaxMemoryOption,
+    ParticleDiameterOption,
     QuietOption,
     ReferenceAngpixOption,
     VerboseOption,
+    WeightingOption,
     console,
     fail,
     progress_bars,
@@ -91,15 +93,11 @@ def align_command(
         help="wiener: Wiener-corrected particles vs clean references; reference: CTF "
         "groups applied to references; auto: reference below 22 Å, else wiener (measured, "
         "README); none: no CTF.")] = "auto",
-    weighting: Annotated[str, typer.Option(
-        help="Fourier-coefficient weights in the distance: none; noise: 1/σ(|k|) whitening "
-        "by the noise power measured outside the particle mask per optics group; ssnr: "
-        "whitening × SSNR/(1+SSNR).")] = "noise",
+    weighting: WeightingOption = "noise",
     transform: Annotated[str, typer.Option(
         help="Search features: dft (Fourier disc) or dct (orthonormal 2D DCT quarter disc; "
         "shifts applied on the full image, slower).")] = "dft",
-    particle_diameter: Annotated[float | None, typer.Option(
-        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
+    particle_diameter: ParticleDiameterOption = None,
     index: Annotated[str, typer.Option(
         help="FAISS factory string (Flat, PCA128,Flat, IVF1024,PQ32, "
         "OPQ32_128,IVF1024,PQ32 …), auto (exact up to 200k poses, else IVF-PQ) or "

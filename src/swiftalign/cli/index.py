@@ -26,6 +26,7 @@ from swiftalign.cli._common import (
     USER_ERRORS,
     DeviceOption,
     MaxMemoryOption,
+    ParticleDiameterOption,
     QuietOption,
     ReferenceAngpixOption,
     VerboseOption,
@@ -62,8 +63,7 @@ def build_command(
     weighting: Annotated[str | None, typer.Option(
         help="none, noise or ssnr (see align); default noise with --particles, else "
         "none.")] = None,
-    particle_diameter: Annotated[float | None, typer.Option(
-        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
+    particle_diameter: ParticleDiameterOption = None,
     angpix: Annotated[float | None, typer.Option(
         help="Pixel size of --particles (Å/px) when their file has none.")] = None,
     ctf_mode: Annotated[str, typer.Option(

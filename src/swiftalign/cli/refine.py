@@ -23,9 +23,11 @@ from swiftalign.cli._common import (
     DeviceOption,
     MaxBadFractionOption,
     MaxMemoryOption,
+    ParticleDiameterOption,
     QuietOption,
     ReferenceAngpixOption,
     VerboseOption,
+    WeightingOption,
     console,
     fail,
     progress_bars,
@@ -88,11 +90,8 @@ def refine_command(
         "wiener: every global candidate is re-scored, and the local search run, with each "
         "particle's own CTF on the reference anyway, so reference mode changes only the "
         "candidate list, at ~10× the search time.")] = "wiener",
-    weighting: Annotated[str, typer.Option(
-        help="Fourier-coefficient weights in the distance: none, noise (1/σ whitening by the "
-        "noise power outside the particle mask, per optics group) or ssnr (see align).")] = "noise",
-    particle_diameter: Annotated[float | None, typer.Option(
-        help="Particle mask diameter (Å) for the noise estimate; default 0.8 × box.")] = None,
+    weighting: WeightingOption = "noise",
+    particle_diameter: ParticleDiameterOption = None,
     index: Annotated[str, typer.Option(
         help="FAISS factory string (see align --index) or auto.")] = "auto",
     reconstruction: Annotated[str, typer.Option(
