@@ -168,6 +168,11 @@ def test_weighted_index_whitens_every_dataset_with_its_stored_spectrum(trpv1_map
     r = runner.invoke(app, ["align", str(star), "--index-file", str(idx), "--weighting", "none",
                             "-o", str(tmp_path / "d.star"), "-q"])
     assert r.exit_code == 2 and "weighting = 'noise'" in " ".join(r.output.split())
+    # so is the mask its noise spectrum was measured in
+    r = runner.invoke(app, ["align", str(star), "--index-file", str(idx), "--particle-diameter",
+                            "150", "-o", str(tmp_path / "d.star"), "-q"])
+    assert r.exit_code == 2 and "particle_diameter_angstrom = None" in " ".join(r.output.split())
+    assert not (tmp_path / "d.star").exists()
     # without particles there is nothing to whiten with
     r = runner.invoke(app, ["index", "build", "-r", str(MAP), "--weighting", "noise",
                             "-o", str(tmp_path / "x.swidx"), *common])

@@ -295,3 +295,27 @@ def test_point_insertion_equals_torch_fourier_slice():
     _insert_slices(acc, values, xyz, torch.as_tensor(mats, dtype=torch.float32))
     got = _complete_friedel_x0(acc)
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_continue_refuses_other_options(tmp_path):
+    """``--continue`` with options other than the run's (e.g. --weighting none on a weighted
+    run, another symmetry) is refused naming them; --iterations may change."""
+    import json
+
+    from swiftalign.errors import InputError
+    from swiftalign.refinement import RefineConfig, _check_same_parameters
+
+    def _cfg(**kw):
+        return RefineConfig(initial_resolution_angstrom=30.0, **kw)
+
+    before = _cfg(symmetry="C4", iterations=2)
+    run_json = tmp_path / "out" / "it002" / "run.json"
+    run_json.parent.mkdir(parents=True)
+    run_json.write_text(json.dumps({"parameters": before.model_dump()}))
+    _check_same_parameters(run_json, _cfg(symmetry="C4", iterations=5))
+    with pytest.raises(InputError, match=r"weighting = 'noise' \(now 'none'\)") as err:
+        _check_same_parameters(run_json, _cfg(symmetry="C4", iterations=3,
+                                                      weighting="none"))
+    assert "symmetry" not in str(err.value)
+    with pytest.raises(InputError, match="symmetry = 'C4'"):
+        _check_same_parameters(run_json, _cfg(symmetry="C1"))

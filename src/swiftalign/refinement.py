@@ -203,6 +203,27 @@ def _residual_noise(images, table, half_maps, sel_of, cons, ctf, *, pixel_size, 
     return merge_spectra(parts)
 
 
+#: Parameters ``--continue`` may change (they do not change the result).
+_CONTINUE_MAY_CHANGE = ("iterations", "device", "max_memory_gb")
+
+
+def _check_same_parameters(run_json: Path, config: RefineConfig) -> None:
+    """Refuse to continue a run with parameters other than the ones it was run with."""
+    try:
+        before = json.loads(run_json.read_text())["parameters"]
+    except (OSError, ValueError, KeyError):
+        return  # nothing recorded (older runs): nothing to compare
+    now = config.model_dump()
+    differ = [f"{name} = {before[name]!r} (now {now[name]!r})" for name in now
+              if name in before and name not in _CONTINUE_MAY_CHANGE
+              and before[name] != now[name]]
+    if differ:
+        raise InputError(
+            f"{run_json.parent.parent}: --continue with other options than the run was made "
+            f"with: {'; '.join(differ)}. Give the same options (only --iterations, --device and "
+            "--max-memory may change), or start a new output folder")
+
+
 def _publish_final(out: Path, it_dir: Path) -> None:
     """Make ``out/final`` a copy of ``it_dir``; at every moment ``final`` is complete or absent.
 
@@ -359,6 +380,7 @@ def run_refinement(
         start_it = state["iteration"] + 1
         resolution = state["resolution_angstrom"]
         last = out / f"it{state['iteration']:03d}"
+        _check_same_parameters(last / "run.json", config)
         for c in range(n_classes):
             for h in (1, 2):
                 refs[(c, h)] = read_map(last / f"reference_class{c + 1}_half{h}.mrc").data

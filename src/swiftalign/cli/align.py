@@ -45,6 +45,8 @@ _INDEX_OPTIONS = {
     "shift_step": "shift_step_px", "max_shift": "max_shift_px", "ctf_mode": "ctf_mode",
     "index": "index", "metric": "metric", "seed": "seed", "target_recall": "target_recall",
     "weighting": "weighting", "transform": "transform",
+    # the noise spectrum (hence the mask it was measured in) is stored in the index
+    "particle_diameter": "particle_diameter_angstrom",
 }
 
 
@@ -144,8 +146,7 @@ def align_command(
     t_start = time.perf_counter()
     run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
            "local_rounds": local_rounds, "local_resolution_factor": local_resolution_factor,
-           "particle_diameter_angstrom": particle_diameter, "device": device,
-           "gpu_float16": gpu_fp16, "max_memory_gb": max_memory}
+           "device": device, "gpu_float16": gpu_fp16, "max_memory_gb": max_memory}
     try:
         if (particles is None) == (watch is None):
             raise ValueError("give either a PARTICLES.star file or --watch DIR")
@@ -169,14 +170,14 @@ def align_command(
                      "shift_step": shift_step, "max_shift": max_shift, "ctf_mode": ctf_mode,
                      "index": index, "metric": metric, "seed": seed,
                      "target_recall": target_recall, "weighting": weighting,
-                     "transform": transform}
+                     "transform": transform, "particle_diameter": particle_diameter}
             for option, name in _INDEX_OPTIONS.items():
                 source = ctx.get_parameter_source(option)
                 if getattr(source, "name", "") == "COMMANDLINE":
                     value = given[option]
-                    if value != base[name]:
+                    if value != base.get(name):
                         raise ValueError(
-                            f"{index_file}: built with {name} = {base[name]!r}; --"
+                            f"{index_file}: built with {name} = {base.get(name)!r}; --"
                             f"{option.replace('_', '-')} {value!r} differs (leave it out or "
                             "rebuild the index)")
             config = AlignConfig(**{**base, **run})
@@ -187,7 +188,8 @@ def align_command(
                 resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
                 psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
                 ctf_mode=ctf_mode, weighting=weighting, transform=transform, index=index,
-                target_recall=target_recall, metric=metric, seed=seed, **run,
+                target_recall=target_recall, metric=metric, seed=seed,
+                particle_diameter_angstrom=particle_diameter, **run,
             )
         config.symmetry_checked()
     except (ValidationError, *USER_ERRORS) as exc:
