@@ -189,6 +189,17 @@ def estimate_noise_power(
 def merge_spectra(spectra: list[NoiseSpectrum]) -> NoiseSpectrum:
     """Particle-count weighted mean of spectra over the same or different groups.
 
+    Parameters
+    ----------
+    spectra : list of NoiseSpectrum
+        Each with `(G_i, N // 2 + 1)` powers (same box), e.g. one per class and half set.
+
+    Returns
+    -------
+    NoiseSpectrum
+        `(G, N // 2 + 1)` over the union of the groups, each shell the mean weighted by
+        ``counts``; ``counts`` summed.
+
     Raises
     ------
     ValueError
