@@ -36,6 +36,13 @@ CTF
 Defocus in Å, positive underfocus; ``rlnDefocusAngle`` in degrees measured from
 the x axis to the direction of defocus U; phase shift in degrees; the CTF is
 positive at low frequency for positive amplitude contrast (RELION).
+
+cryoSPARC
+---------
+``alignments3D/pose`` is an axis-angle vector ``v`` (radians) whose Rodrigues
+rotation is ``R(v) = Aᵀ`` (pyem ``csparc2star``, cryoDRGN
+``parse_pose_csparc``); ``alignments3D/shift`` is in pixels, (x, y), with the
+sign of RELION's origin: ``rlnOriginX/YAngst = shift · psize``.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ __all__ = [
     "centred_irfft2",
     "fftfreq_grid_rfft2",
     "angular_distance_deg",
+    "euler_to_cryosparc_pose",
+    "cryosparc_pose_to_euler",
 ]
 
 
@@ -217,3 +226,39 @@ def angular_distance_deg(matrices_a: np.ndarray, matrices_b: np.ndarray) -> np.n
     trace = np.trace(rel, axis1=-2, axis2=-1)
     cos = np.clip((trace - 1.0) / 2.0, -1.0, 1.0)
     return np.degrees(np.arccos(cos))
+
+
+def euler_to_cryosparc_pose(euler_deg: np.ndarray) -> np.ndarray:
+    """RELION ZYZ Euler angles to cryoSPARC ``alignments3D/pose`` axis-angle vectors.
+
+    Parameters
+    ----------
+    euler_deg : np.ndarray
+        `(..., 3)` ``(rot, tilt, psi)`` in degrees.
+
+    Returns
+    -------
+    np.ndarray
+        `(..., 3)` vectors ``v`` (radians, norm in [0, π]) with ``R(v) = Aᵀ``.
+    """
+    mats = euler_to_matrix(euler_deg)
+    flat = mats.reshape(-1, 3, 3).transpose(0, 2, 1)
+    return Rotation.from_matrix(flat).as_rotvec().reshape(*mats.shape[:-2], 3)
+
+
+def cryosparc_pose_to_euler(pose_rad: np.ndarray) -> np.ndarray:
+    """cryoSPARC ``alignments3D/pose`` axis-angle vectors to RELION ZYZ Euler angles.
+
+    Parameters
+    ----------
+    pose_rad : np.ndarray
+        `(..., 3)` axis-angle vectors ``v`` (radians).
+
+    Returns
+    -------
+    np.ndarray
+        `(..., 3)` ``(rot, tilt, psi)`` in degrees of ``A = R(v)ᵀ``.
+    """
+    pose = np.asarray(pose_rad, dtype=np.float64)
+    mats = Rotation.from_rotvec(pose.reshape(-1, 3)).as_matrix().transpose(0, 2, 1)
+    return matrix_to_euler(mats).reshape(*pose.shape[:-1], 3)
