@@ -19,8 +19,67 @@ Where each step lives:
 - alignment     the align workflow (particles -> poses)
 - simulate      synthetic datasets with ground truth
 - evaluate      angular and shift errors against ground truth
+- export        cryoSPARC .cs and ChimeraX .bild exports; select: particle subsets
+- api           the Python API re-exported here (align, refine, simulate, read_particles)
+
+Python API (imported on first use, so that ``import swiftalign`` stays fast)::
+
+    import swiftalign
+    sim = swiftalign.simulate(swiftalign.demo_map_path(), output_dir="sim", n_particles=200)
+    result = swiftalign.align(sim.particles, swiftalign.demo_map_path(), resolution_angstrom=30)
+    result.poses                     # pandas DataFrame in RELION columns
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "AlignResult",
+    "MapData",
+    "ParticleTable",
+    "RefineResult",
+    "SimulatedDataset",
+    "align",
+    "demo_map_path",
+    "read_map",
+    "read_particles",
+    "refine",
+    "simulate",
+]
+
+#: Public names defined in :mod:`swiftalign.api`, imported on first access by ``__getattr__``.
+_API_NAMES = frozenset(__all__) - {"__version__"}
+
+if TYPE_CHECKING:
+    from swiftalign.api import (
+        AlignResult,
+        MapData,
+        ParticleTable,
+        RefineResult,
+        SimulatedDataset,
+        align,
+        demo_map_path,
+        read_map,
+        read_particles,
+        refine,
+        simulate,
+    )
+
+
+def __getattr__(name: str):
+    """The API names of :mod:`swiftalign.api`, imported on first access (PEP 562)."""
+    if name in _API_NAMES:
+        from swiftalign import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'swiftalign' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API_NAMES})

@@ -14,6 +14,8 @@ normalised so that its pixel variance, hence the SNR definition, is unchanged.
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +235,20 @@ def write_dataset(
     )
     write_particles(out / "particles.star", table, box_size=images.shape[-1])
     return out / "particles.star"
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`swiftalign.api.simulate`.
+
+    Importing a submodule rebinds the package attribute of its name, so once
+    this module is imported ``swiftalign.simulate`` is the module; calling it
+    still runs the API function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from swiftalign.api import simulate
+
+        return simulate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
