@@ -19,7 +19,7 @@ Inputs
 read from the stacks the table names (checked before any work; unusable
 particles are left out with a warning, as on the command line).
 ``reference``: an MRC path, a :class:`~swiftalign.io.mrc.MapData`, or a `(N, N, N)`
-array with ``voxel_size_angstrom`` (default: the particles' pixel size).
+array with ``voxel_size_angstrom`` (default: the first particle's pixel size).
 """
 
 from __future__ import annotations
@@ -89,6 +89,14 @@ def _as_map(reference: MapLike, voxel_size_angstrom: float | None) -> MapData:
                        float(voxel_size_angstrom or 0.0), Path("<array>"))
     raise InputError(f"reference: give an MRC path, a MapData or a (N, N, N) array, not "
                      f"{type(reference).__name__}")
+
+
+def _array_voxel(reference: MapLike, voxel_size_angstrom: float | None,
+                 table: ParticleTable) -> float | None:
+    """The voxel size for :func:`_as_map`: an array without one takes the particles' pixel size."""
+    if voxel_size_angstrom is None and isinstance(reference, np.ndarray):
+        return float(table.pixel_size_angstrom[0])
+    return voxel_size_angstrom
 
 
 @dataclass
@@ -183,7 +191,7 @@ def align(
     config = AlignConfig(resolution_angstrom=resolution_angstrom, symmetry=symmetry, **options)
     config.symmetry_checked()
     table = _as_table(particles, angpix)
-    ref = _as_map(reference, voxel_size_angstrom)
+    ref = _as_map(reference, _array_voxel(reference, voxel_size_angstrom, table))
     table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
     with images:
         result = align_particles(table, images, ref, config, progress=progress)
@@ -295,7 +303,8 @@ def refine(
                           symmetry=symmetry, **options)
     table = _as_table(particles, angpix)
     many = isinstance(reference, Sequence) and not isinstance(reference, str)
-    refs = [_as_map(r, voxel_size_angstrom) for r in (reference if many else [reference])]
+    refs = [_as_map(r, _array_voxel(r, voxel_size_angstrom, table))
+            for r in (reference if many else [reference])]
     for r in refs:
         if r.data.ndim != 3 or len(set(r.data.shape)) != 1:
             raise InputError(f"{r.path}: map is not cubic {r.data.shape}; refinement needs a "

@@ -54,8 +54,8 @@ def simulate_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    from swiftalign.api import simulate
     from swiftalign.io.mrc import read_map
-    from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
 
     t0 = time.perf_counter()
     setup_logging(verbose, quiet, Path(output) / "simulate.log")
@@ -73,7 +73,7 @@ def simulate_command(
             raise ValueError("--astigmatism-max, --shift-sigma and --max-shift must not be "
                              "negative")
         ref = read_map(map_path, voxel_size_angstrom=angpix)
-        cfg = SimulationConfig(
+        parameters = dict(
             n_particles=n_particles, snr_db=snr_db, shift_sigma_px=shift_sigma,
             max_shift_px=max_shift,
             defocus_min_angstrom=defocus_min, defocus_max_angstrom=defocus_max,
@@ -81,18 +81,13 @@ def simulate_command(
             amplitude_contrast=amplitude_contrast, symmetry=symmetry, ctf=not no_ctf, seed=seed,
             noise_psd_exponent=noise_color,
         )
-        from swiftalign.symmetry import parse_symmetry
-
-        parse_symmetry(symmetry)
         if ref.voxel_size_angstrom <= 0:
             raise ValueError(f"{map_path}: voxel size is 0 in the header; pass --angpix")
-        images, truth = simulate_particles(ref, cfg)
-        star = write_dataset(output, images, truth, pixel_size_angstrom=ref.voxel_size_angstrom,
-                             config=cfg)
+        sim = simulate(ref, output_dir=output, **parameters)
     except USER_ERRORS as exc:
         fail(exc)
     write_json(Path(output) / "run.json", run_record(
-        command="simulate", parameters=vars(cfg), inputs={"map": str(map_path)},
-        outputs={"particles": str(star)}, timings_s={"wall": time.perf_counter() - t0}))
+        command="simulate", parameters=parameters, inputs={"map": str(map_path)},
+        outputs={"particles": str(sim.star_path)}, timings_s={"wall": time.perf_counter() - t0}))
     if not quiet:
-        console.print(f"wrote {len(images)} particles to {star}")
+        console.print(f"wrote {len(sim.truth)} particles to {sim.star_path}")
