@@ -302,9 +302,9 @@ def refine(
     config = RefineConfig(initial_resolution_angstrom=initial_resolution_angstrom,
                           symmetry=symmetry, **options)
     table = _as_table(particles, angpix)
-    many = isinstance(reference, Sequence) and not isinstance(reference, str)
-    refs = [_as_map(r, _array_voxel(r, voxel_size_angstrom, table))
-            for r in (reference if many else [reference])]
+    items: list[MapLike] = (list(reference) if isinstance(reference, Sequence)
+                            and not isinstance(reference, str) else [reference])  # type: ignore[list-item]
+    refs = [_as_map(r, _array_voxel(r, voxel_size_angstrom, table)) for r in items]
     for r in refs:
         if r.data.ndim != 3 or len(set(r.data.shape)) != 1:
             raise InputError(f"{r.path}: map is not cubic {r.data.shape}; refinement needs a "
