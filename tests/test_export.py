@@ -101,10 +101,13 @@ def test_cryosparc_round_trip_from_star(star, tmp_path):
     assert np.allclose(ds["ctf/df_angle_rad"], np.radians(pa["rlnDefocusAngle"]), atol=1e-6)
     assert (ds["alignments3D/split"] == pa["rlnRandomSubset"] - 1).all()
     assert (ds["blob/idx"] == np.arange(N)).all() and (ds["blob/shape"] == 8).all()
-    # exporting again gives the same uids
+    # exporting again gives the same uids; --absolute-paths names the same stack
     again = tmp_path / "again.cs"
-    runner.invoke(app, ["export", str(star), "--to", "cryosparc", "-o", str(again), "-q"])
-    assert (Dataset.load(again)["uid"] == ds["uid"]).all()
+    runner.invoke(app, ["export", str(star), "--to", "cryosparc", "-o", str(again), "-q",
+                        "--absolute-paths"])
+    ds2 = Dataset.load(again)
+    assert (ds2["uid"] == ds["uid"]).all()
+    assert ds2["blob/path"][0] == str((tmp_path / "stacks" / "a.mrcs").resolve())
 
 
 def test_cryosparc_round_trip_of_a_real_cryosparc_file(tmp_path):

@@ -14,7 +14,8 @@ saved in its numpy ``.cs`` format), with the dtypes cryoSPARC itself writes
                                 that exporting twice gives the same uids.
 ``blob/path``, ``blob/idx``     ``N@stack`` → the stack relative to the
                                 ``.cs`` file's folder (absolute stays
-                                absolute), ``N − 1``.
+                                absolute; all absolute with
+                                ``absolute_paths``), ``N − 1``.
 ``blob/shape``                  ``(box, box)`` from ``rlnImageSize`` (else the
                                 stack headers).
 ``blob/psize_A``                pixel size (Å/px).
@@ -99,8 +100,9 @@ def _finite_column(table, name: str, default: float | None = None) -> np.ndarray
     return values
 
 
-def _image_locations(table, relative_to: Path) -> tuple[np.ndarray, np.ndarray]:
-    """`(n,)` stack paths (relative to ``relative_to``) and `(n,)` 0-based indices."""
+def _image_locations(table, relative_to: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """`(n,)` stack paths (relative to ``relative_to``; absolute when None) and `(n,)`
+    0-based indices."""
     from swiftalign.io.star import parse_image_name
 
     names = pd.Series(table.image_names())
@@ -112,12 +114,15 @@ def _image_locations(table, relative_to: Path) -> tuple[np.ndarray, np.ndarray]:
         raise StarFileError(f"{table.path}: particle {i + 1} has rlnImageName {names[i]!r} "
                             "(not of the form N@stack.mrcs with N >= 1)")
     uniq, inverse = np.unique(parts[1].to_numpy(dtype=str), return_inverse=True)
-    out_dir = Path(relative_to).resolve()
+    out_dir = None if relative_to is None else Path(relative_to).resolve()
     paths = []
     for stack in uniq:  # one per stack file, not per particle
         resolved = parse_image_name(f"1@{stack}", table.path.parent)[1]
-        paths.append(stack if Path(stack).is_absolute()
-                     else os.path.relpath(resolved.resolve(), out_dir))
+        if out_dir is None:
+            paths.append(str(resolved.resolve()))
+        else:
+            paths.append(stack if Path(stack).is_absolute()
+                         else os.path.relpath(resolved.resolve(), out_dir))
     return (np.asarray(paths, dtype=object)[inverse.reshape(-1)],
             number.to_numpy(dtype=np.int64) - 1)
 
@@ -154,7 +159,7 @@ def _uids(image_names: pd.Series) -> np.ndarray:
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
 
 
-def cryosparc_dataset(table, *, output_dir: str | Path):
+def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = False):
     """A cryoSPARC particle dataset of a table (the inverse of ``read_cryosparc``).
 
     Parameters
@@ -165,6 +170,8 @@ def cryosparc_dataset(table, *, output_dir: str | Path):
         ``rlnClassNumber`` are exported when present.
     output_dir : str or Path
         Folder of the ``.cs`` file: stack paths are written relative to it.
+    absolute_paths : bool
+        Write absolute stack paths instead (e.g. for a cryoSPARC project elsewhere).
 
     Returns
     -------
@@ -185,7 +192,7 @@ def cryosparc_dataset(table, *, output_dir: str | Path):
         if name not in table.particles:
             raise StarFileError(f"{table.path}: particle block has no column '{name}' (a "
                                 "cryoSPARC export needs image names and CTF parameters)")
-    paths, index = _image_locations(table, Path(output_dir))
+    paths, index = _image_locations(table, None if absolute_paths else Path(output_dir))
     has_pose = all(c in table.particles for c in _POSE_COLUMNS)
     columns = {c: c in table.particles for c in ("rlnRandomSubset", "rlnClassNumber",
                                                    "rlnMicrographName")}
@@ -251,7 +258,7 @@ def _subset_split(table) -> np.ndarray:
     return subset - 1
 
 
-def write_cryosparc(path: str | Path, table) -> Path:
+def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False) -> Path:
     """Write a table as a cryoSPARC particle ``.cs`` file, atomically.
 
     Parameters
@@ -259,6 +266,8 @@ def write_cryosparc(path: str | Path, table) -> Path:
     path : str or Path
         Output ``.cs`` file (temporary name in the same folder, then renamed).
     table : ParticleTable
+    absolute_paths : bool
+        Absolute stack paths instead of paths relative to the file's folder.
 
     Returns
     -------
@@ -273,7 +282,7 @@ def write_cryosparc(path: str | Path, table) -> Path:
     from swiftalign.io.mrc import atomic_path
 
     path = Path(path)
-    dset = cryosparc_dataset(table, output_dir=path.parent)
+    dset = cryosparc_dataset(table, output_dir=path.parent, absolute_paths=absolute_paths)
     tmp = atomic_path(path)
     try:
         with open(tmp, "wb") as f:

@@ -3,7 +3,7 @@
 --to cryosparc writes a cryoSPARC particle .cs file (cryosparc-tools' Dataset,
 numpy format) with blob/…, ctf/… and, where the particles have poses,
 alignments3D/pose (axis-angle, rad), shift (px), psize_A, split and class; stack
-paths are relative to the .cs file's folder. --to bild writes the angular
+paths are relative to the .cs file's folder (--absolute-paths: absolute). --to bild writes the angular
 distribution as relion_refine's *_angdist.bild (cylinders per direction bin,
 length ∝ count) for ChimeraX. Also writes OUTPUT.log and OUTPUT_run.json.
 """
@@ -38,6 +38,9 @@ def export_command(
         "--to", help="cryosparc (.cs particle file) or bild (angular distribution for "
         "ChimeraX).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file.")],
+    absolute_paths: Annotated[bool, typer.Option(
+        help="cryosparc: absolute stack paths in blob/path (default: relative to the .cs "
+        "file's folder).")] = False,
     bin_size: Annotated[float, typer.Option(
         "--bin", help="bild: spacing of the direction bins (°).")] = 7.5,
     angpix: AngpixOption = None,
@@ -61,13 +64,14 @@ def export_command(
         table = read_particles(particles, angpix=angpix)
         setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
         if to == "cryosparc":
-            write_cryosparc(output, table)
+            write_cryosparc(output, table, absolute_paths=absolute_paths)
         else:
             write_bild(output, table, bin_deg=bin_size)
     except USER_ERRORS as exc:
         fail(exc)
     write_json(output.with_name(output.stem + "_run.json"), run_record(
-        command="export", parameters={"to": to, "bin_deg": bin_size, "angpix": angpix},
+        command="export", parameters={"to": to, "bin_deg": bin_size, "angpix": angpix,
+                                     "absolute_paths": absolute_paths},
         inputs={"particles": str(particles)}, outputs={to: str(output.resolve())},
         n_particles=len(table), timings_s={"wall": time.perf_counter() - t0}))
     if not quiet:
