@@ -182,7 +182,7 @@ def test_bild_from_cli(star, tmp_path):
 
 
 def test_select_range_top_fraction_class(star, tmp_path):
-    from swiftalign.select import select_particles
+    from swiftalign.selection import select_particles
 
     table = read_particles(star)
     score = table.particles["rlnSwiftalignScore"].to_numpy()

@@ -19,7 +19,7 @@ Where each step lives:
 - alignment     the align workflow (particles -> poses)
 - simulate      synthetic datasets with ground truth
 - evaluate      angular and shift errors against ground truth
-- export        cryoSPARC .cs and ChimeraX .bild exports; select: particle subsets
+- export        cryoSPARC .cs and ChimeraX .bild exports; selection: particle subsets
 - api           the Python API re-exported here (align, refine, simulate, read_particles)
 
 Python API (imported on first use, so that ``import swiftalign`` stays fast)::

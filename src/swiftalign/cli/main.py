@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from swiftalign.cli import align, evaluate, export, index, refine, report, select, simulate
+from swiftalign.cli import align, evaluate, export, index, refine, report, selection, simulate
 
 app = typer.Typer(
     name="swiftalign",
@@ -23,7 +23,7 @@ app.command("evaluate", help=evaluate.__doc__)(evaluate.evaluate_command)
 app.command("refine", help=refine.__doc__)(refine.refine_command)
 app.command("report", help=report.__doc__)(report.report_command)
 app.command("export", help=export.__doc__)(export.export_command)
-app.command("select", help=select.__doc__)(select.select_command)
+app.command("select", help=selection.__doc__)(selection.select_command)
 app.add_typer(index.index_app, name="index", help=index.__doc__)
 
 

@@ -47,7 +47,7 @@ def select_command(
     verbose: VerboseOption = False,
 ) -> None:
     from swiftalign.io.star import read_particles
-    from swiftalign.select import select_particles, write_selection
+    from swiftalign.selection import select_particles, write_selection
 
     output = Path(output)
     t0 = time.perf_counter()
