@@ -312,8 +312,19 @@ def refine(
     table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
     with images:
         outcome = run_refinement(table, images, refs, output_dir, config, resume=resume,
-                                 progress=progress, record={"command": "swiftalign.refine"})
+                                 progress=progress, record=_record("swiftalign.refine"))
     return _read_final(Path(output_dir), len(refs), outcome)
+
+
+def _record(command: str) -> dict:
+    """Provenance for ``run.json`` (the command line records more: machine, argv)."""
+    import platform
+    import time
+
+    from swiftalign import __version__
+
+    return {"swiftalign_version": __version__, "command": f"{command} (Python API)",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hostname": platform.node()}
 
 
 def _read_final(out: Path, n_classes: int, outcome: dict) -> RefineResult:
