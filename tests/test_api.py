@@ -61,6 +61,11 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_read_refinement_needs_a_completed_iteration(tmp_path):
+    with pytest.raises(InputError, match="state.json"):
+        swiftalign.read_refinement(tmp_path)
+
+
 def test_readme_example_align_block(tmp_path, monkeypatch):
     """The README's first block, as written: 200 TRPV1 particles at −10 dB aligned at 30 Å."""
     monkeypatch.chdir(tmp_path)
@@ -106,3 +111,8 @@ def test_readme_example_both_blocks(tmp_path, monkeypatch):
     corrected = refined.fsc[0]["rlnFourierShellCorrelationCorrected"].to_numpy()
     assert corrected[1] > 0.9  # lowest shells agree between the half maps
     assert set(refined.poses["rlnRandomSubset"]) == {1, 2}
+    # the same result read back from the folder (as for a command-line run)
+    again = swiftalign.read_refinement(tmp_path / "api_demo" / "refine")
+    assert again.resolution_angstrom == refined.resolution_angstrom
+    assert np.array_equal(again.half_maps[0][1].data, refined.half_maps[0][1].data)
+    assert again.history == refined.history and again.poses.equals(refined.poses)

@@ -47,6 +47,7 @@ __all__ = [
     "demo_map_path",
     "read_map",
     "read_particles",
+    "read_refinement",
     "refine",
     "simulate",
 ]
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
         demo_map_path,
         read_map,
         read_particles,
+        read_refinement,
         refine,
         simulate,
     )

@@ -50,6 +50,7 @@ __all__ = [
     "demo_map_path",
     "read_map",
     "read_particles",
+    "read_refinement",
     "refine",
     "simulate",
 ]
@@ -314,6 +315,38 @@ def refine(
         outcome = run_refinement(table, images, refs, output_dir, config, resume=resume,
                                  progress=progress, record=_record("swiftalign.refine"))
     return _read_final(Path(output_dir), len(refs), outcome)
+
+
+def read_refinement(output_dir: str | Path) -> RefineResult:
+    """The result of a finished (or interrupted) refinement, from its output folder.
+
+    Works for runs of ``swiftalign refine`` and of :func:`refine` alike: the
+    last completed iteration's ``final/`` maps, FSC tables and particles, and
+    the history of ``state.json``.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The refinement's ``-o`` folder.
+
+    Returns
+    -------
+    RefineResult
+
+    Raises
+    ------
+    InputError
+        No completed iteration there (no ``state.json``).
+    """
+    import json
+
+    out = Path(output_dir)
+    state_path = out / "state.json"
+    if not state_path.exists():
+        raise InputError(f"{out}: no completed refinement iteration there (no state.json)")
+    state = json.loads(state_path.read_text())
+    n_classes = len(state["history"][-1]["classes"])
+    return _read_final(out, n_classes, state)
 
 
 def _record(command: str) -> dict:
