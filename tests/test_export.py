@@ -127,6 +127,22 @@ def test_cryosparc_round_trip_of_a_real_cryosparc_file(tmp_path):
         assert np.allclose(out[f], raw[f], rtol=1e-6), f
 
 
+def test_cryosparc_export_equals_cryosparc_own_import(tmp_path):
+    """EMPIAR-10076 (7 particles): the same particles as cryoSPARC imported them from RELION."""
+    from swiftalign.export import write_cryosparc
+
+    ref = np.load(shared_file("cryodrgn/empiar_10076_7.cs"))
+    write_cryosparc(tmp_path / "e.cs", read_particles(shared_file("cryodrgn/empiar_10076_7.star")),
+                    sign=-1)  # these particles show dark protein; cryoSPARC says -1
+    ours = np.load(tmp_path / "e.cs")
+    for f in ("blob/idx", "blob/shape", "blob/psize_A", "blob/sign", "ctf/accel_kv", "ctf/cs_mm",
+              "ctf/amp_contrast", "ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad",
+              "ctf/phase_shift_rad", "ctf/scale", "ctf/bfactor"):
+        assert ours[f].dtype == ref[f].dtype, f
+        assert np.array_equal(ours[f], ref[f]), f
+    assert "alignments3D/pose" not in ours.dtype.names  # no poses in the STAR: none exported
+
+
 def test_cryosparc_export_refuses_missing_ctf(star, tmp_path):
     blocks = starfile.read(star, always_dict=True)
     blocks["particles"] = blocks["particles"].drop(columns=["rlnDefocusU"])

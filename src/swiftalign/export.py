@@ -19,7 +19,11 @@ saved in its numpy ``.cs`` format), with the dtypes cryoSPARC itself writes
 ``blob/shape``                  ``(box, box)`` from ``rlnImageSize`` (else the
                                 stack headers).
 ``blob/psize_A``                pixel size (Å/px).
-``blob/sign``                   +1: RELION particles show the protein white.
+``blob/sign``                   +1 by default: protein white, as RELION
+                                refinement needs its particles (extraction with
+                                ``--invert_contrast``); −1 for dark protein
+                                (raw micrograph contrast: cryoSPARC's import of
+                                the dark EMPIAR-10076 particles says −1).
 ``ctf/…``                       ``accel_kv``, ``cs_mm``, ``amp_contrast``,
                                 ``df1_A`` = rlnDefocusU, ``df2_A`` =
                                 rlnDefocusV (Å), ``df_angle_rad`` and
@@ -159,7 +163,8 @@ def _uids(image_names: pd.Series) -> np.ndarray:
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
 
 
-def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = False):
+def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = False,
+                      sign: float = 1.0):
     """A cryoSPARC particle dataset of a table (the inverse of ``read_cryosparc``).
 
     Parameters
@@ -172,6 +177,8 @@ def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = F
         Folder of the ``.cs`` file: stack paths are written relative to it.
     absolute_paths : bool
         Write absolute stack paths instead (e.g. for a cryoSPARC project elsewhere).
+    sign : float
+        ``blob/sign``: +1 for white protein (RELION), −1 for dark protein.
 
     Returns
     -------
@@ -183,11 +190,15 @@ def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = F
     StarFileError
         A required column (:data:`CS_EXPORT_REQUIRED_COLUMNS`) is missing, a value
         is not finite, or an image name is malformed (names file, column, row).
+    ValueError
+        ``sign`` is not ±1.
     """
     from cryosparc.dataset import Dataset
 
     from swiftalign.conventions import euler_to_cryosparc_pose, shift_px_to_origin_angstrom
 
+    if sign not in (1, -1):
+        raise ValueError(f"--sign {sign}: must be +1 (white protein) or -1 (dark protein)")
     for name in CS_EXPORT_REQUIRED_COLUMNS:
         if name not in table.particles:
             raise StarFileError(f"{table.path}: particle block has no column '{name}' (a "
@@ -213,7 +224,7 @@ def cryosparc_dataset(table, *, output_dir: str | Path, absolute_paths: bool = F
     box = particle_box_sizes(table)
     dset["blob/shape"] = np.stack([box, box], axis=1)
     dset["blob/psize_A"] = ps
-    dset["blob/sign"] = 1.0
+    dset["blob/sign"] = float(sign)
     _fill_ctf(dset, table)
     if has_pose:
         euler = np.stack([_finite_column(table, c) for c in _POSE_COLUMNS], axis=1)
@@ -258,7 +269,8 @@ def _subset_split(table) -> np.ndarray:
     return subset - 1
 
 
-def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False) -> Path:
+def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False,
+                    sign: float = 1.0) -> Path:
     """Write a table as a cryoSPARC particle ``.cs`` file, atomically.
 
     Parameters
@@ -268,6 +280,8 @@ def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False) ->
     table : ParticleTable
     absolute_paths : bool
         Absolute stack paths instead of paths relative to the file's folder.
+    sign : float
+        ``blob/sign``: +1 white protein (RELION, default), −1 dark protein.
 
     Returns
     -------
@@ -282,7 +296,8 @@ def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False) ->
     from swiftalign.io.mrc import atomic_path
 
     path = Path(path)
-    dset = cryosparc_dataset(table, output_dir=path.parent, absolute_paths=absolute_paths)
+    dset = cryosparc_dataset(table, output_dir=path.parent, absolute_paths=absolute_paths,
+                             sign=sign)
     tmp = atomic_path(path)
     try:
         with open(tmp, "wb") as f:

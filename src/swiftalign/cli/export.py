@@ -41,6 +41,9 @@ def export_command(
     absolute_paths: Annotated[bool, typer.Option(
         help="cryosparc: absolute stack paths in blob/path (default: relative to the .cs "
         "file's folder).")] = False,
+    sign: Annotated[int, typer.Option(
+        help="cryosparc: blob/sign, +1 for white protein (RELION particles, extracted with "
+        "--invert_contrast) or -1 for dark protein (raw micrograph contrast).")] = 1,
     bin_size: Annotated[float, typer.Option(
         "--bin", help="bild: spacing of the direction bins (°).")] = 7.5,
     angpix: AngpixOption = None,
@@ -64,14 +67,14 @@ def export_command(
         table = read_particles(particles, angpix=angpix)
         setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
         if to == "cryosparc":
-            write_cryosparc(output, table, absolute_paths=absolute_paths)
+            write_cryosparc(output, table, absolute_paths=absolute_paths, sign=sign)
         else:
             write_bild(output, table, bin_deg=bin_size)
     except USER_ERRORS as exc:
         fail(exc)
     write_json(output.with_name(output.stem + "_run.json"), run_record(
         command="export", parameters={"to": to, "bin_deg": bin_size, "angpix": angpix,
-                                     "absolute_paths": absolute_paths},
+                                     "absolute_paths": absolute_paths, "sign": sign},
         inputs={"particles": str(particles)}, outputs={to: str(output.resolve())},
         n_particles=len(table), timings_s={"wall": time.perf_counter() - t0}))
     if not quiet:
