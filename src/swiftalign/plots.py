@@ -121,7 +121,7 @@ def fsc_figure(
                     textcoords="offset points", fontsize=8, color="C3")
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("Fourier shell correlation")
-    ax.set_xlim(0, nyquist)
+    ax.set_xlim(0, nyquist * 1.03)
     ax.set_ylim(-0.1, 1.05)
     _angstrom_ticks(ax, nyquist)
     ax.set_title(title, fontsize=10)

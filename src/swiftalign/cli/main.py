@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from swiftalign.cli import align, evaluate, index, refine, report, simulate
+from swiftalign.cli import (
+    align,
+    evaluate,
+    index,
+    local_resolution,
+    mask,
+    postprocess,
+    refine,
+    report,
+    simulate,
+)
 
 app = typer.Typer(
     name="swiftalign",
@@ -22,6 +32,10 @@ app.command("align", help=align.__doc__)(align.align_command)
 app.command("evaluate", help=evaluate.__doc__)(evaluate.evaluate_command)
 app.command("refine", help=refine.__doc__)(refine.refine_command)
 app.command("report", help=report.__doc__)(report.report_command)
+app.command("mask", help=mask.__doc__)(mask.mask_command)
+app.command("postprocess", help=postprocess.__doc__)(postprocess.postprocess_command)
+app.command("local-resolution", help=local_resolution.__doc__)(
+    local_resolution.local_resolution_command)
 app.add_typer(index.index_app, name="index", help=index.__doc__)
 
 
