@@ -226,6 +226,10 @@ def postprocess_half_maps(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray
         fit = fit_guinier(res_sq, logs["weighted"], lowres_angstrom=autob_lowres_angstrom,
                           highres_angstrom=autob_highres_angstrom)
         bfactor_angstrom2 = fit.bfactor_angstrom2
+        if fit.correlation == 0.0:
+            log.warning("fewer than two Guinier points between %g Å and Nyquist (%.3g Å): "
+                        "B-factor 0 (map not sharpened)", autob_lowres_angstrom,
+                        2 * pixel_size_angstrom)
     s2 = (radius / (n * pixel_size_angstrom)) ** 2
     spec = spec * np.where(radius <= n / 2, np.exp(-bfactor_angstrom2 / 4.0 * s2), 0.0)
     logs["sharpened"] = _log_mean_amplitude(spec, shell, n_shells)
