@@ -17,6 +17,7 @@ from scipy import ndimage
 __all__ = [
     "PROTEIN_DENSITY_DALTON_PER_CUBIC_ANGSTROM",
     "create_mask",
+    "radius_in_shells",
     "relion_lowpass",
     "threshold_for_molecular_weight",
     "default_threshold",
@@ -26,7 +27,7 @@ __all__ = [
 PROTEIN_DENSITY_DALTON_PER_CUBIC_ANGSTROM = 0.81
 
 
-def _radius_shells(box: int) -> np.ndarray:
+def radius_in_shells(box: int) -> np.ndarray:
     """`(N, N, N // 2 + 1)` distance from the origin of each rfft voxel, in shells (1/N cycles/px)."""
     k = np.fft.fftfreq(box) * box
     kr = np.fft.rfftfreq(box) * box
@@ -61,7 +62,7 @@ def relion_lowpass(volume: np.ndarray, resolution_angstrom: float, pixel_size_an
     cut = round(n * pixel_size_angstrom / resolution_angstrom)
     half = edge_shells // 2
     low, high = max(0.0, cut - half), float(cut + half)
-    r = _radius_shells(n)
+    r = radius_in_shells(n)
     x = np.clip((r - low) / max(high - low, 1e-9), 0.0, 1.0)
     filt = np.where(r > high, 0.0, 0.5 + 0.5 * np.cos(np.pi * x))
     spec = np.fft.rfftn(volume) * filt

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from swiftalign.fsc import FscResult, gold_standard_fsc, solvent_mask_fraction
-from swiftalign.mask import relion_lowpass
+from swiftalign.mask import radius_in_shells, relion_lowpass
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,6 @@ class PostprocessResult:
     lowpass_angstrom: float
     mask_fraction: float
     pixel_size_angstrom: float
-
-
-def _radius_px(box: int) -> np.ndarray:
-    """`(N, N, N // 2 + 1)` distance of each rfft voxel from the origin, in shells (``|k|·N``)."""
-    k = np.fft.fftfreq(box) * box
-    kr = np.fft.rfftfreq(box) * box
-    return np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kr[None, None, :] ** 2)
 
 
 def fsc_weights(fsc: np.ndarray) -> np.ndarray:
@@ -210,7 +203,7 @@ def postprocess_half_maps(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray
     n = half1.shape[0]
     fsc = gold_standard_fsc(half1, half2, mask, pixel_size_angstrom, seed=seed)
     fsc_used = _fsc_for_weighting(fsc)
-    radius = _radius_px(n)
+    radius = radius_in_shells(n)
     shell = np.floor(radius + 0.5).astype(np.int64)
     n_shells = n // 2 + 1
     shells = np.arange(n_shells)
