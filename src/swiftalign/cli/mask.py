@@ -74,6 +74,9 @@ def mask_command(
                                  f"({2 * vol.voxel_size_angstrom:.3g} Å)")
             data = relion_lowpass(data, lowpass, vol.voxel_size_angstrom)
         thr, rule = _threshold(data, threshold, molecular_weight_kda, vol.voxel_size_angstrom)
+        if not float(data.max()) >= thr:
+            raise ValueError(f"{map_path}: threshold {thr:.4g} ({rule}) is above the map's "
+                             f"maximum {float(data.max()):.4g}")
         mask = create_mask(data, thr, extend_px=extend, soft_edge_px=soft_edge)
         write_map(output, mask, vol.voxel_size_angstrom)
     except USER_ERRORS as exc:
