@@ -157,7 +157,8 @@ def test_refinement_reaches_ground_truth_resolution_and_resumes(refine_data):
     state = json.loads((full / "state.json").read_text())
     assert state["resolution_angstrom"] <= 1.2 * gt_res
     for name in ("half1.mrc", "half2.mrc", "map.mrc", "map_unfiltered.mrc", "fsc.star",
-                 "fsc.png", "particles.star", "run.json"):
+                 "fsc.png", "particles.star", "run.json", "mask.mrc",
+                 "postprocess/postprocess.mrc", "postprocess/postprocess.star"):
         assert (full / "final" / name).exists(), name
     with mrcfile.open(full / "final" / "map.mrc") as m:
         assert float(m.voxel_size.x) == pytest.approx(4.88, abs=1e-3)

@@ -211,7 +211,10 @@ def test_report_of_refine_outdir(refine_dir):
     out, _ = refine_dir
     html = _report(out)
     pngs = _pngs_in(html)
-    assert len(pngs) == 3 and all(p.startswith(PNG_MAGIC) for p in pngs)  # summary, FSC, angdist
+    # summary, final map slices, FSC, angdist
+    assert len(pngs) == 4 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    assert "Central slices of the sharpened, masked map" in html
+    assert ">None<" not in html and ">nan<" not in html
     state = json.loads((out / "state.json").read_text())
     h = state["history"][0]
     row = re.search(r"<tr><td>1</td>(.*?)</tr>", html).group(1)
@@ -385,3 +388,38 @@ def test_relion_project_relative_image_names(sim, tmp_path, monkeypatch):
     with ParticleImages(table) as images:
         np.testing.assert_array_equal(images.read(np.array([3])),
                                       mrcfile.read(sim / "particles.mrcs")[3:4])
+
+
+def test_report_shows_local_resolution_and_one_angular_scale(refine_dir, tmp_path):
+    import shutil
+
+    from swiftalign.plots import angular_distribution_figure
+
+    out = tmp_path / "refine"
+    shutil.copytree(refine_dir[0], out)
+    final = out / "final"
+    r = runner.invoke(app, ["local-resolution", str(final / "half1.mrc"), str(final / "half2.mrc"),
+                            "--mask", str(final / "mask.mrc"), "-o", str(out / "local_resolution"),
+                            "--sampling", "40", "-q"])
+    assert r.exit_code == 0, r.output
+    html = _report(out)
+    assert len(_pngs_in(html)) == 6  # + local-resolution histogram and coloured slices
+    assert "Local resolution (windowed FSC 0.143)" in html
+    # one colour scale: the same max_count gives the same colour limits whatever the data
+    a = angular_distribution_figure(np.zeros(10), np.full(10, 90.0), max_count=50)
+    b = angular_distribution_figure(np.zeros(3), np.full(3, 90.0), max_count=50)
+    lims = [f.axes[0].collections[0].norm for f in (a, b)]
+    assert (lims[0].vmin, lims[0].vmax) == (lims[1].vmin, lims[1].vmax) == (1, 50)
+
+
+def test_fsc_plot_has_angstrom_ticks_and_nyquist_line():
+    from swiftalign.plots import fsc_figure
+
+    freq = np.arange(25) / (48 * 1.2)
+    fig = fsc_figure(freq, {"corrected": np.linspace(1, 0, 25)})
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "Nyquist (2.40 Å)" in labels
+    top = fig.axes[1]
+    ticks = [t.get_text() for t in top.get_xticklabels()]
+    assert "10" in ticks and "2.5" in ticks and top.get_xlabel() == "resolution (Å)"
+    np.testing.assert_allclose(top.get_xticks()[ticks.index("10")], 0.1)

@@ -179,7 +179,9 @@ def gold_standard_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
     else:
         rand = np.zeros_like(masked)
     corrected = masked.copy()
-    tail = np.arange(len(masked)) >= start
+    # corrected from 2 shells past the randomisation start, as relion_postprocess (RELION 3.1
+    # calculateFSCtrue: "small artefacts near the resolution of randomisation")
+    tail = np.arange(len(masked)) >= start + 2
     denom = np.where(np.abs(1 - rand) < 1e-6, 1e-6, 1 - rand)
     corrected[tail] = (masked[tail] - rand[tail]) / denom[tail]
     shells = np.arange(len(unmasked))

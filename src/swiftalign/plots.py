@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import LogNorm, Normalize
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 __all__ = [
@@ -23,6 +23,10 @@ __all__ = [
     "fsc_figure_from_result",
     "fsc_figure_from_star",
     "angular_distribution_figure",
+    "angular_histogram",
+    "guinier_figure",
+    "map_slices_figure",
+    "local_resolution_histogram_figure",
     "pose_error_figure",
     "refinement_summary_figure",
     "save_figure",
@@ -70,8 +74,12 @@ def fsc_figure(
     *,
     threshold: float = 0.143,
     title: str = "",
+    resolution_is_bound: bool = False,
 ) -> Figure:
     """FSC curves against spatial frequency, with the 0.143 and 0.5 thresholds marked.
+
+    The last shell is taken as Nyquist and marked; a top axis labels the
+    frequencies in Å.
 
     Parameters
     ----------
@@ -83,6 +91,8 @@ def fsc_figure(
     threshold : float
         The run's FSC threshold (also marked when it is neither 0.143 nor 0.5).
     title : str
+    resolution_is_bound : bool
+        Mark the resolution as "≤ Nyquist" (the FSC never fell below the threshold).
 
     Returns
     -------
@@ -104,14 +114,34 @@ def fsc_figure(
             ax.axvline(cross, color="grey", ls=":", lw=0.8)
             ax.annotate(f"{1 / cross:.1f} Å", (cross, thr), xytext=(4, 6),
                         textcoords="offset points", fontsize=8)
+    nyquist = freq[-1] if len(freq) > 1 and freq[-1] > 0 else 1.0
+    ax.axvline(nyquist, color="C3", ls="-.", lw=0.9, label=f"Nyquist ({1 / nyquist:.2f} Å)")
+    if resolution_is_bound:
+        ax.annotate("≤ Nyquist", (nyquist, threshold), xytext=(-52, 18),
+                    textcoords="offset points", fontsize=8, color="C3")
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("Fourier shell correlation")
-    ax.set_xlim(0, freq[-1] if len(freq) > 1 and freq[-1] > 0 else 1)
+    ax.set_xlim(0, nyquist * 1.03)
     ax.set_ylim(-0.1, 1.05)
+    _angstrom_ticks(ax, nyquist)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+def _angstrom_ticks(ax, max_frequency: float) -> None:
+    """A top axis with resolution (Å) tick labels at round values up to ``max_frequency``."""
+    candidates = np.array([100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3.5, 3, 2.5, 2.2, 2, 1.8, 1.6,
+                           1.5, 1.4, 1.2, 1.0, 0.8])
+    shown = candidates[(1 / candidates <= max_frequency * 1.0001)]
+    if len(shown) > 8:  # about 8 labels, always keeping the finest
+        shown = shown[np.unique(np.linspace(0, len(shown) - 1, 8).round().astype(int))]
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks(1 / shown)
+    top.set_xticklabels([f"{r:g}" for r in shown], fontsize=8)
+    top.set_xlabel("resolution (Å)", fontsize=9)
 
 
 def fsc_figure_from_result(fsc, pixel_size_angstrom: float, title: str = "") -> Figure:
@@ -124,7 +154,8 @@ def fsc_figure_from_result(fsc, pixel_size_angstrom: float, title: str = "") -> 
         "masked": fsc.masked,
         "phase-randomised (masked)": fsc.randomised,
         "corrected": fsc.corrected,
-    }, threshold=fsc.threshold, title=title)
+    }, threshold=fsc.threshold, title=title,
+        resolution_is_bound=bool(getattr(fsc, "resolution_is_bound", False)))
 
 
 _STAR_CURVES = {
@@ -167,30 +198,25 @@ def fsc_figure_from_star(path: str | Path, title: str | None = None) -> Figure:
     return fsc_figure(freq, curves, title=title)
 
 
-def angular_distribution_figure(
-    rot_deg: np.ndarray,
-    tilt_deg: np.ndarray,
-    *,
-    title: str = "",
-    bins_deg: float | None = None,
-) -> Figure:
-    """Histogram of viewing directions on a Mollweide projection.
-
-    The viewing direction of a RELION ZYZ pose is set by rot (longitude) and
-    tilt (polar angle from +Z; latitude ``90° − tilt``); psi does not change it.
+def angular_histogram(rot_deg: np.ndarray, tilt_deg: np.ndarray, bins_deg: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Counts of viewing directions in equal-area bins.
 
     Parameters
     ----------
     rot_deg, tilt_deg : np.ndarray
         `(n,)` Euler angles (°).
-    title : str
     bins_deg : float, optional
         Bin size (°) in longitude (latitude bins have the same count and equal
         areas); default about 5 particles per bin on a uniform sphere, 3°–30°.
 
     Returns
     -------
-    matplotlib.figure.Figure
+    counts : np.ndarray
+        `(n_lon, n_lat)` particles per bin.
+    lon_edges, lat_edges : np.ndarray
+        Bin edges (°): longitude = rot, latitude = 90° − tilt.
+    bins_deg : float
     """
     rot = (np.asarray(rot_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
     lat = 90.0 - np.clip(np.asarray(tilt_deg, dtype=np.float64), 0.0, 180.0)
@@ -200,19 +226,52 @@ def angular_distribution_figure(
     # equal-area bins (uniform in sin(latitude)): a uniform distribution looks uniform
     lat_edges = np.degrees(np.arcsin(np.linspace(-1.0, 1.0, int(round(180 / bins_deg)) + 1)))
     counts, _, _ = np.histogram2d(rot, lat, bins=(lon_edges, lat_edges))
+    return counts, lon_edges, lat_edges, float(bins_deg)
+
+
+def angular_distribution_figure(
+    rot_deg: np.ndarray,
+    tilt_deg: np.ndarray,
+    *,
+    title: str = "",
+    bins_deg: float | None = None,
+    max_count: float | None = None,
+) -> Figure:
+    """Histogram of viewing directions on a Mollweide projection.
+
+    The viewing direction of a RELION ZYZ pose is set by rot (longitude) and
+    tilt (polar angle from +Z; latitude ``90° − tilt``); psi does not change it.
+    The colour scale is always logarithmic from 1 particle per bin; give
+    several figures the same ``max_count`` (and ``bins_deg``) to share it.
+
+    Parameters
+    ----------
+    rot_deg, tilt_deg : np.ndarray
+        `(n,)` Euler angles (°).
+    title : str
+    bins_deg : float, optional
+        See :func:`angular_histogram`.
+    max_count : float, optional
+        Top of the colour scale (default: this histogram's maximum).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    counts, lon_edges, lat_edges, bins_deg = angular_histogram(rot_deg, tilt_deg, bins_deg)
     fig = Figure(figsize=(7.0, 4.0))
     ax = fig.add_subplot(projection="mollweide")
     masked = np.ma.masked_equal(counts.T, 0)
-    vmax = max(float(counts.max()), 1.0)
-    norm = LogNorm(vmin=1, vmax=vmax) if vmax >= 20 else Normalize(vmin=0, vmax=vmax)
+    vmax = max(float(max_count if max_count is not None else counts.max()), 2.0)
     mesh = ax.pcolormesh(np.radians(lon_edges), np.radians(lat_edges), masked, cmap="viridis",
-                         norm=norm, shading="flat")
+                         norm=LogNorm(vmin=1, vmax=vmax), shading="flat")
     fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
-                 label=f"particles per bin ({bins_deg:.0f}° in rot, equal areas)")
+                 label=f"particles per bin ({bins_deg:.0f}° in rot, equal areas; log scale)")
     ax.grid(True, lw=0.4, alpha=0.5)
     ax.tick_params(labelsize=7)
-    ax.set_title(f"{title}\n{len(rot)} particles; longitude = rot, latitude = 90° − tilt"
-                 if title else f"{len(rot)} particles; longitude = rot, latitude = 90° − tilt",
+    n = len(np.asarray(rot_deg))
+    ax.set_title(f"{title}\n{n} particles; longitude = rot, latitude = 90° − tilt"
+                 if title else f"{n} particles; longitude = rot, latitude = 90° − tilt",
                  fontsize=9)
     return fig
 
@@ -300,5 +359,131 @@ def refinement_summary_figure(history: Sequence[Mapping]) -> Figure:
     for a in (ax, ax2):
         a.set_xticks(it)
         a.grid(True, lw=0.4, alpha=0.5)
+    fig.tight_layout()
+    return fig
+
+
+def guinier_figure(
+    resolution_squared: np.ndarray,
+    log_amplitudes: Mapping[str, np.ndarray],
+    *,
+    fit: tuple[float, float] | None = None,
+    fit_lowres_angstrom: float = 10.0,
+    resolution_angstrom: float | None = None,
+    title: str = "",
+) -> Figure:
+    """Guinier plot: ln of the mean Fourier amplitude per shell against ``1/d²``.
+
+    Parameters
+    ----------
+    resolution_squared : np.ndarray
+        `(n,)` ``1/d²`` (Å⁻²).
+    log_amplitudes : mapping of str to np.ndarray
+        Label → `(n,)` values; ``-99`` (RELION's empty-shell marker) is not drawn.
+    fit : (slope, intercept), optional
+        The fitted line, drawn from ``fit_lowres_angstrom`` to the last shell.
+    resolution_angstrom : float, optional
+        Marked with a vertical line.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    x = np.asarray(resolution_squared, dtype=np.float64)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for label, values in log_amplitudes.items():
+        y = np.asarray(values, dtype=np.float64)
+        ok = y > -99.0
+        ax.plot(x[ok], y[ok], label=label)
+    if fit is not None:
+        xs = np.array([1.0 / fit_lowres_angstrom**2, x[-1]])
+        ax.plot(xs, fit[1] + fit[0] * xs, "k--", lw=1.0,
+                label=f"fit: B = {4 * fit[0]:.0f} Å²")
+    if resolution_angstrom is not None and np.isfinite(resolution_angstrom):
+        ax.axvline(1.0 / resolution_angstrom**2, color="grey", ls=":", lw=0.8,
+                   label=f"FSC 0.143: {resolution_angstrom:.2f} Å")
+    ax.set_xlabel("1/d² (Å⁻²)")
+    ax.set_ylabel("ln(mean amplitude)")
+    ax.set_xlim(0, x[-1] if len(x) and x[-1] > 0 else 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def map_slices_figure(volume: np.ndarray, *, title: str = "",
+                      overlay: np.ndarray | None = None, overlay_label: str = "") -> Figure:
+    """Central slices of a `(N, N, N)` map along z, y and x (zyx data).
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        `(N, N, N)` map, grey scale from its 1st to 99.9th percentile.
+    title : str
+    overlay : np.ndarray, optional
+        `(N, N, N)` values (e.g. local resolution, Å) drawn in colour where > 0,
+        with a colour bar labelled ``overlay_label``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    c = [s // 2 for s in vol.shape]
+    slices = [(vol[c[0]], "z (xy plane)"), (vol[:, c[1]], "y (xz plane)"),
+              (vol[:, :, c[2]], "x (yz plane)")]
+    lo, hi = np.percentile(vol, [1.0, 99.9])
+    fig = Figure(figsize=(9.0, 3.4))
+    axes = fig.subplots(1, 3)
+    mesh = None
+    if overlay is not None:
+        ov = np.asarray(overlay, dtype=np.float32)
+        inside = ov[ov > 0]
+        vmin, vmax = (np.percentile(inside, [1, 99]) if inside.size else (0.0, 1.0))
+        ov_slices = [ov[c[0]], ov[:, c[1]], ov[:, :, c[2]]]
+    for j, (ax, (img, label)) in enumerate(zip(axes, slices, strict=True)):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        if overlay is not None:
+            shown = np.ma.masked_less_equal(ov_slices[j], 0)
+            mesh = ax.imshow(shown, cmap="turbo", vmin=vmin, vmax=vmax, origin="lower",
+                             alpha=0.6)
+        ax.set_title(f"central slice, {label}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if mesh is not None:
+        fig.colorbar(mesh, ax=list(axes), fraction=0.02, pad=0.02, label=overlay_label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def local_resolution_histogram_figure(local_resolution_angstrom: np.ndarray, *,
+                                      title: str = "") -> Figure:
+    """Histogram of local resolutions (Å) of the voxels where the map is defined (> 0).
+
+    Parameters
+    ----------
+    local_resolution_angstrom : np.ndarray
+        Any shape; values ``<= 0`` (outside the mask) are left out.
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    vals = np.asarray(local_resolution_angstrom, dtype=np.float64).ravel()
+    vals = vals[vals > 0]
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.add_subplot()
+    if vals.size:
+        ax.hist(vals, bins=40, color="C0")
+        med = float(np.median(vals))
+        ax.axvline(med, color="k", lw=1.2, label=f"median {med:.2f} Å")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("local resolution (Å)")
+    ax.set_ylabel("voxels")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -242,6 +242,28 @@ def _publish_final(out: Path, it_dir: Path) -> None:
         shutil.rmtree(old_final)
 
 
+def _postprocess_final(out: Path, n_classes: int, pixel_size: float, *, seed: int) -> None:
+    """``swiftalign postprocess`` of ``final/``'s half maps with its mask → ``final/postprocess/``.
+
+    For several classes, ``final/postprocess_classN/``.
+    """
+    from swiftalign.postprocess import postprocess_half_maps, write_postprocess
+
+    final = out / "final"
+    for c in range(n_classes):
+        prefix = "" if n_classes == 1 else f"class{c + 1}_"
+        names = [final / f"{prefix}{name}.mrc" for name in ("half1", "half2", "mask")]
+        if not all(p.exists() for p in names):
+            continue
+        h1, h2, mask = (read_map(p).data for p in names)
+        result = postprocess_half_maps(h1, h2, mask, pixel_size, seed=seed)
+        folder = final / ("postprocess" if n_classes == 1 else f"postprocess_class{c + 1}")
+        write_postprocess(folder, result, half_map_names=(names[0].name, names[1].name),
+                          mask_name=names[2].name)
+        log.info("postprocess of final/%shalf*.mrc: %.2f Å, B-factor %.0f Å² → %s", prefix,
+                 result.fsc.resolution_angstrom, result.bfactor_angstrom2, folder)
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Delete temporary files (``.NAME.XXXX.tmp``) a killed run left in ``out`` and ``out/it*``."""
     for pattern in (".*.tmp", "it[0-9][0-9][0-9]/.*.tmp"):
@@ -545,6 +567,7 @@ def run_refinement(
             write_map(it_dir / f"{prefix}half1.mrc", h1, pixel_size)
             write_map(it_dir / f"{prefix}half2.mrc", h2, pixel_size)
             write_map(it_dir / f"{prefix}map_unfiltered.mrc", avg, pixel_size)
+            write_map(it_dir / f"{prefix}mask.mrc", smask, pixel_size)  # the FSC's mask
             write_map(it_dir / f"{prefix}map.mrc", lowpass(avg, res_c, pixel_size), pixel_size)
             write_fsc_star(it_dir / f"{prefix}fsc.star", fsc, pixel_size, average_map=avg, mask=smask,
                            half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
@@ -636,4 +659,5 @@ def run_refinement(
         write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
                                 "history": history})
         _publish_final(out, it_dir)
+    _postprocess_final(out, n_classes, pixel_size, seed=config.seed)
     return {"history": history, "resolution_angstrom": resolution}

@@ -89,6 +89,8 @@ def _img(fig, alt: str, caption: str = "") -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list | tuple) and len(v) > 8:
@@ -96,6 +98,13 @@ def _fmt(v) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
+
+
+def _num(v, spec: str = ".2f") -> str:
+    """A number for a table cell; "–" for a missing (None, NaN) value."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return format(v, spec)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, str]]:
@@ -177,13 +186,86 @@ def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
         t = h.get("timings_s", {})
         mode = " (local)" if h.get("local_pass") else ""
         rows.append([
-            f"{h['iteration']}{mode}", f"{h.get('alignment_resolution_angstrom', np.nan):.2f}",
-            f"{h['resolution_angstrom']:.2f}", f"{res05:.2f}" if np.isfinite(res05) else "–",
-            str(h["kept"]), str(h["rejected"]), pops, f"{h.get('seconds', np.nan):.1f}",
+            f"{h['iteration']}{mode}", _num(h.get("alignment_resolution_angstrom")),
+            _num(h["resolution_angstrom"]), _num(res05),
+            str(h["kept"]), str(h["rejected"]), pops, _num(h.get("seconds"), ".1f"),
             f"{t['alignment']:.1f}" if "alignment" in t else "–",
             f"{t['reconstruction']:.1f}" if "reconstruction" in t else "–",
         ])
     return header, rows
+
+
+def _kept_poses(run_dir: Path, history: list[dict]) -> dict:
+    """Iteration → (rot, tilt) of its kept particles (°), or the error message reading them."""
+    out: dict = {}
+    for h in history:
+        pstar = run_dir / f"it{h['iteration']:03d}" / "particles.star"
+        if not pstar.exists():
+            continue
+        try:
+            df = _read_star_particles(pstar)
+        except StarFileError as exc:
+            out[h["iteration"]] = str(exc)
+            continue
+        if "rlnSwiftalignKept" in df:
+            df = df[df["rlnSwiftalignKept"] == 1]
+        out[h["iteration"]] = (df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy())
+    return out
+
+
+def _angular_scale(poses: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """``bins_deg`` and ``max_count`` shared by every angular-distribution plot of a run."""
+    from swiftalign.plots import angular_histogram
+
+    if not poses:
+        return {}
+    largest = max(poses, key=lambda p: len(p[0]))
+    bins_deg = angular_histogram(*largest)[3]
+    max_count = max(float(angular_histogram(r, t, bins_deg)[0].max()) for r, t in poses)
+    return {"bins_deg": bins_deg, "max_count": max_count}
+
+
+def _final_map_section(run_dir: Path) -> str:
+    """Central slices of the final map and, when computed, the local-resolution histogram.
+
+    The map is ``final/postprocess/postprocess_masked.mrc`` (sharpened) when
+    present, else ``final/map.mrc``; local resolution is read from
+    ``OUTDIR/local_resolution/local_resolution.mrc`` (``swiftalign local-resolution
+    … -o OUTDIR/local_resolution``) with ``final/mask.mrc``.
+    """
+    from swiftalign.errors import MrcFileError
+    from swiftalign.io.mrc import read_map
+    from swiftalign.plots import local_resolution_histogram_figure, map_slices_figure
+
+    final = run_dir / "final"
+    candidates = [(final / "postprocess" / "postprocess_masked.mrc", "sharpened, masked map"),
+                  (final / "map.mrc", "final map (low-passed at the FSC resolution)")]
+    found = next(((p, what) for p, what in candidates if p.exists()), None)
+    if found is None:
+        return ""
+    parts = ["<h3>Final map</h3>"]
+    try:
+        vol = read_map(found[0]).data
+        parts.append(_img(map_slices_figure(vol, title=f"{found[0].relative_to(run_dir)}"),
+                          "final map slices", f"Central slices of the {found[1]}."))
+        locres = run_dir / "local_resolution" / "local_resolution.mrc"
+        if locres.exists():
+            local = read_map(locres).data
+            if local.shape != vol.shape:
+                raise MrcFileError(f"{locres}: shape {local.shape} differs from {found[0]} "
+                                   f"{vol.shape}; local resolution left out")
+            if (final / "mask.mrc").exists():
+                local = np.where(read_map(final / "mask.mrc").data > 0.5, local, 0.0)
+            parts.append(_img(local_resolution_histogram_figure(
+                local, title="local resolution inside the mask"), "local resolution histogram",
+                "Local resolution (windowed FSC 0.143) of the voxels inside the mask."))
+            parts.append(_img(map_slices_figure(vol, overlay=local,
+                                                overlay_label="local resolution (Å)"),
+                              "local resolution slices", "Central slices coloured by local "
+                              "resolution."))
+    except MrcFileError as exc:
+        parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
+    return "".join(parts)
 
 
 def _refine_section(run_dir: Path) -> tuple[str, str]:
@@ -206,6 +288,9 @@ def _refine_section(run_dir: Path) -> tuple[str, str]:
                       "Resolution and fraction of particles kept per iteration."))
     header, rows = _iteration_rows(history)
     parts.append("<h3>Iterations</h3>" + _table(header, rows))
+    parts.append(_final_map_section(run_dir))
+    kept = _kept_poses(run_dir, history)
+    scale = _angular_scale([v for v in kept.values() if not isinstance(v, str)])
     for h in history:
         it_dir = run_dir / f"it{h['iteration']:03d}"
         parts.append(f"<h3>Iteration {h['iteration']}</h3>")
@@ -220,18 +305,14 @@ def _refine_section(run_dir: Path) -> tuple[str, str]:
                                   "thresholds 0.143 and 0.5."))
             except StarFileError as exc:
                 parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
-        pstar = it_dir / "particles.star"
-        if pstar.exists():
-            try:
-                df = _read_star_particles(pstar)
-                if "rlnSwiftalignKept" in df:
-                    df = df[df["rlnSwiftalignKept"] == 1]
-                parts.append(_img(angular_distribution_figure(
-                    df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy(),
-                    title=f"iteration {h['iteration']}: kept particles"),
-                    f"angular distribution {it_dir.name}", "Viewing directions of kept particles."))
-            except StarFileError as exc:
-                parts.append(f'<p class="note">{html.escape(str(exc))}</p>')
+        poses = kept.get(h["iteration"])
+        if isinstance(poses, str):
+            parts.append(f'<p class="note">{html.escape(poses)}</p>')
+        elif poses is not None:
+            parts.append(_img(angular_distribution_figure(
+                *poses, title=f"iteration {h['iteration']}: kept particles", **scale),
+                f"angular distribution {it_dir.name}",
+                "Viewing directions of kept particles (one colour scale for all iterations)."))
     last_run = run_dir / f"it{final['iteration']:03d}" / "run.json"
     if last_run.exists():
         parts.append("<h2>Refinement parameters</h2>" + _provenance(_json(last_run)))
@@ -254,8 +335,8 @@ def _align_section(run_json: Path) -> tuple[str, str]:
     n_poses = s.get("n_poses") or int(np.prod([s.get(k, 0) for k in ("n_directions", "n_psi",
                                                                      "n_shifts")]))
     if n_poses:
-        summary += (f" against {n_poses:,} poses (ΔΦ {s.get('angular_step_deg', np.nan):.2f}°, "
-                    f"Δs {s.get('shift_step_px', np.nan):.2f} px)")
+        summary += (f" against {n_poses:,} poses (ΔΦ {_num(s.get('angular_step_deg'))}°, "
+                    f"Δs {_num(s.get('shift_step_px'))} px)")
     if wall:
         summary += f" in {wall:.1f} s"
     parts.append(f"<p>{html.escape(summary)}</p>")

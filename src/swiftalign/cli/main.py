@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from swiftalign.cli import align, evaluate, export, index, refine, report, selection, simulate
+from swiftalign.cli import (
+    align,
+    evaluate,
+    export,
+    index,
+    local_resolution,
+    mask,
+    postprocess,
+    refine,
+    report,
+    selection,
+    simulate,
+)
 
 app = typer.Typer(
     name="swiftalign",
@@ -24,6 +36,10 @@ app.command("refine", help=refine.__doc__)(refine.refine_command)
 app.command("report", help=report.__doc__)(report.report_command)
 app.command("export", help=export.__doc__)(export.export_command)
 app.command("select", help=selection.__doc__)(selection.select_command)
+app.command("mask", help=mask.__doc__)(mask.mask_command)
+app.command("postprocess", help=postprocess.__doc__)(postprocess.postprocess_command)
+app.command("local-resolution", help=local_resolution.__doc__)(
+    local_resolution.local_resolution_command)
 app.add_typer(index.index_app, name="index", help=index.__doc__)
 
 
