@@ -342,8 +342,12 @@ def _project_package(volume: np.ndarray, truth: pd.DataFrame, spec: DatasetSpec,
     import torch
     from torch_fourier_shift import fourier_shift_image_2d
 
-    from swiftalign.conventions import (centred_irfft2, centred_rfft2, euler_to_matrix,
-                                        origin_angstrom_to_shift_px)
+    from swiftalign.conventions import (
+        centred_irfft2,
+        centred_rfft2,
+        euler_to_matrix,
+        origin_angstrom_to_shift_px,
+    )
     from swiftalign.ctf import CtfParams, ctf_rfft2
     from swiftalign.projection import project
 
