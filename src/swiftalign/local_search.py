@@ -39,6 +39,11 @@ from swiftalign.projection import VolumeSpectrum
 __all__ = ["refine_local"]
 
 
+_CENTRE = 13  # index of the zero offset in the 3×3×3 rotation grid
+_SHIFT_CENTRE = 4  # index of the zero offset in the 3×3 shift grid
+_GRID2 = np.stack(np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], indexing="ij"), -1).reshape(-1, 2)
+
+
 def _offsets(step: float) -> np.ndarray:
     ax = np.array([-1.0, 0.0, 1.0]) * step
     return np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -51,16 +56,102 @@ def _distances_by_inner_product(
 
     A shift only changes phases, so the norm of a candidate vector depends on the
     rotation alone and the distances follow from one batched complex product
-    ``Σ_k conj(q_k)·c_rk·ramp_sk`` instead of materialising `(m, r, s, dim)` vectors.
+    ``Σ_k c_rk·(conj(q_k)·ramp_sk)`` instead of materialising `(m, r, s, dim)` vectors.
     """
     weight = math.sqrt(2.0) / box
     q = torch.view_as_complex(queries.reshape(queries.shape[0], -1, 2).contiguous())
-    inner = torch.bmm(q.conj()[:, None, :] * coeffs, ramps.transpose(1, 2)).real * weight
-    norm2 = (coeffs.abs() ** 2).sum(-1) * weight**2  # (m, r)
+    shifted_q = q.conj()[:, None, :] * ramps  # (m, s, n_coeff)
+    inner = torch.bmm(coeffs, shifted_q.transpose(1, 2)).real * weight
+    norm2 = torch.view_as_real(coeffs).square().sum((-1, -2)) * weight**2  # (m, r)
     if metric == "cosine":
         return 2.0 - 2.0 * inner / norm2.clamp_min(1e-30).sqrt()[:, :, None]
     q_norm2 = (queries**2).sum(-1)
     return q_norm2[:, None, None] + norm2[:, :, None] - 2.0 * inner
+
+
+def _distances(
+    queries: torch.Tensor, coeffs: torch.Tensor, ramps: torch.Tensor, box: int, metric: str
+) -> torch.Tensor:
+    """`(m, r · s)` squared distances of every rotation × shift candidate."""
+    if metric in ("cosine", "l2"):
+        d = _distances_by_inner_product(queries, coeffs, ramps, box, metric)
+    else:  # pearson: the mean over components depends on the shift
+        vecs = normalise_vectors(
+            disc_to_vectors(coeffs[:, :, None, :] * ramps[:, None, :, :], box), metric
+        )  # (m, r, s, dim)
+        d = ((vecs - queries[:, None, None, :]) ** 2).sum(-1)
+    return d.reshape(d.shape[0], -1)
+
+
+def _modulation(
+    ctf: CtfParams | None,
+    rows: np.ndarray,
+    weights: torch.Tensor | None,
+    disc: Disc,
+    pixel_size_angstrom: float,
+) -> torch.Tensor | None:
+    """`(m, n_coeff)` real factor (CTF × coefficient weights) applied to the slices, once
+    per particle for all rounds (``None``: no CTF, no weights)."""
+    device = disc.freqs_yx.device
+    mod = None
+    if ctf is not None:
+        c = ctf_rfft2(ctf.subset(rows), pixel_size_angstrom=pixel_size_angstrom,
+                      box_size=disc.box_size, device=device)
+        mod = extract_disc(c, disc)
+    if weights is not None:
+        w = weights.to(device)
+        w = w[torch.as_tensor(rows, device=device)] if w.ndim == 2 else w[None]
+        mod = w if mod is None else mod * w
+    return None if mod is None else mod.to(torch.float32)
+
+
+def _refine_batch(
+    spectrum: VolumeSpectrum,
+    queries: torch.Tensor,
+    mats: np.ndarray,
+    shifts: np.ndarray,
+    mod: torch.Tensor | None,
+    disc: Disc,
+    metric: str,
+    steps: list[tuple[float, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All rounds for one batch of particles: `(m, 3, 3)` matrices, `(m, 2)` shifts in, the
+    refined ones and `(m,)` distances out.
+
+    Every round slices the 26 rotations around the current centre (the centre's own
+    slice is carried over from the round that chose it) and scores them against the 3×3
+    shifts around the current shift with one batched product. A particle whose best
+    candidate is its centre at some round keeps the pose but still goes on with the
+    halved steps (the optimum lies within half a step).
+    """
+    m = mats.shape[0]
+    rows = np.arange(m)
+    device = spectrum.rfft.device
+    centre = None  # (m, n_coeff) coefficients of the current pose
+    dist = np.full(m, np.inf)
+    for a, b in steps:
+        deltas = Rotation.from_rotvec(np.radians(_offsets(a))).as_matrix()  # (27, 3, 3)
+        if centre is not None:
+            deltas = np.delete(deltas, _CENTRE, axis=0)
+        cand = np.einsum("rij,njk->nrik", deltas, mats)  # (m, 26 or 27, 3, 3)
+        fresh = spectrum.slice_disc(torch.as_tensor(cand.reshape(-1, 3, 3), dtype=torch.float32),
+                                    disc).reshape(m, len(deltas), -1)
+        if mod is not None:
+            fresh = fresh * mod[:, None, :]
+        if centre is not None:
+            fresh = torch.cat([fresh[:, :_CENTRE], centre[:, None], fresh[:, _CENTRE:]], dim=1)
+            cand = np.concatenate([cand[:, :_CENTRE], mats[:, None], cand[:, _CENTRE:]], axis=1)
+        cand_shift = shifts[:, None, :] + _GRID2[None] * b  # (m, 9, 2)
+        ramps = shift_phase_ramps(
+            disc.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device))
+        d = _distances(queries, fresh, ramps, disc.box_size, metric)
+        best_d, best = torch.min(d, dim=1)
+        ri, si = np.divmod(best.cpu().numpy(), len(_GRID2))
+        centre = fresh[torch.as_tensor(rows, device=device), torch.as_tensor(ri, device=device)]
+        mats = cand[rows, ri]
+        shifts = cand_shift[rows, si]
+        dist = best_d.cpu().numpy().astype(np.float64)
+    return mats, shifts, dist
 
 
 def refine_local(
@@ -122,59 +213,21 @@ def refine_local(
     distance : np.ndarray
         `(n,)` squared distance of the refined pose.
     """
-    device = spectrum.rfft.device
     if disc.transform != "dft":
         raise ValueError("the local search compares Fourier-disc (dft) coefficients")
+    device = spectrum.rfft.device
     n = queries.shape[0]
-    box = disc.box_size
     disc_dev = disc.to(device)
     mats = euler_to_matrix(euler_deg)
     shifts = np.asarray(shift_yx_px, dtype=np.float64).copy()
     dist = np.full(n, np.inf)
-    grid2 = np.stack(np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], indexing="ij"), -1)
-    grid2 = grid2.reshape(-1, 2)
-    for r in range(rounds):
-        a = angle_step_deg / (2**r)
-        b = shift_step_px / (2**r)
-        deltas = Rotation.from_rotvec(np.radians(_offsets(a))).as_matrix()  # (27, 3, 3)
-        n_rot = len(deltas)
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            m = stop - start
-            cand = np.einsum("rij,njk->nrik", deltas, mats[start:stop])  # (m, 27, 3, 3)
-            coeffs = spectrum.slice_disc(
-                torch.as_tensor(cand.reshape(-1, 3, 3), dtype=torch.float32), disc_dev
-            ).reshape(m, n_rot, -1)
-            if ctf is not None:
-                c = ctf_rfft2(
-                    ctf.subset(np.arange(start, stop)),
-                    pixel_size_angstrom=pixel_size_angstrom,
-                    box_size=box,
-                    device=device,
-                )
-                coeffs = coeffs * extract_disc(c.to(torch.complex64), disc_dev)[:, None, :]
-            if coefficient_weights is not None:
-                w = coefficient_weights.to(device)
-                coeffs = coeffs * (w[start:stop, None, :] if w.ndim == 2 else w)
-            cand_shift = shifts[start:stop, None, :] + grid2[None] * b  # (m, 9, 2)
-            ramps = shift_phase_ramps(
-                disc_dev.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device)
-            )  # (m, 9, n_coeff)
-            q = queries[start:stop].to(device)
-            if metric in ("cosine", "l2"):
-                d = _distances_by_inner_product(q, coeffs, ramps, box, metric)
-            else:
-                vecs = normalise_vectors(
-                    disc_to_vectors(coeffs[:, :, None, :] * ramps[:, None, :, :], box), metric
-                )  # (m, 27, 9, dim)
-                d = ((vecs - q[:, None, None, :]) ** 2).sum(-1)
-            d = d.reshape(m, -1)
-            best = torch.argmin(d, dim=1).cpu().numpy()
-            ri, si = np.divmod(best, grid2.shape[0])
-            rows = np.arange(m)
-            mats[start:stop] = cand[rows, ri]
-            shifts[start:stop] = cand_shift[rows, si]
-            dist[start:stop] = d[torch.arange(m), torch.as_tensor(best)].cpu().numpy()
-            if progress is not None:
-                progress(m)
+    steps = [(angle_step_deg / 2**r, shift_step_px / 2**r) for r in range(rounds)]
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(n, start + batch_size))
+        mod = _modulation(ctf, rows, coefficient_weights, disc_dev, pixel_size_angstrom)
+        mats[rows], shifts[rows], dist[rows] = _refine_batch(
+            spectrum, queries[start : rows[-1] + 1].to(device), mats[rows], shifts[rows], mod,
+            disc_dev, metric, steps)
+        if progress is not None:
+            progress(len(rows) * rounds)
     return matrix_to_euler(mats), shifts, dist

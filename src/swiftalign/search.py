@@ -251,7 +251,18 @@ def _exact_search(
     budget: int,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exhaustive search, reference blocks regenerated on the fly."""
+    """Exhaustive search, reference blocks regenerated on the fly.
+
+    Fourier-disc references under ``l2`` or ``cosine`` (the default path) fold the
+    shifts into the queries instead of the references (:func:`_exact_search_folded`):
+    one large GEMM per block of rotated-gallery images. ``pearson`` (whose mean
+    removal depends on the shift) and DCT features score every regenerated
+    shifted reference.
+    """
+    if gallery.disc.transform == "dft" and gallery.metric in ("l2", "cosine") and (
+            ctf_disc is None or ctf_disc.ndim == 1):
+        return _exact_search_folded(gallery, queries, k, ctf_disc=ctf_disc, budget=budget,
+                                    progress=progress)
     q = queries.to(gallery.coeffs.device)
     q_norm = (q * q).sum(dim=1, keepdim=True)
     step = _block_images(gallery, budget, q.shape[0])
@@ -264,6 +275,72 @@ def _exact_search(
         kk = min(k, d.shape[1])
         dk, ik = torch.topk(d, kk, dim=1, largest=False)
         best_d, best_i = merge_topk(best_d, best_i, dk, ids[ik], k)
+        if progress is not None:
+            progress(stop - start)
+    return best_d, best_i
+
+
+def _shifted_queries(gallery: Gallery, queries: torch.Tensor) -> torch.Tensor:
+    """`(n · n_shifts, dim)` queries moved by minus every grid shift, rows ``q · S + s``.
+
+    A shift multiplies a reference's coefficients by the unit phase ramp ``r_s``,
+    so ``Re Σ conj(q)·(c·r_s) = Re Σ conj(q·conj(r_s))·c``: scoring the unshifted
+    reference against the query shifted back equals scoring the shifted reference
+    against the query, and the reference's norm does not depend on the shift.
+    """
+    qc = torch.view_as_complex(queries.reshape(queries.shape[0], -1, 2).contiguous())
+    shifted = qc[:, None, :] * gallery.shift_ramps().conj()[None]  # (n, S, n_coeff)
+    return torch.view_as_real(shifted).reshape(-1, queries.shape[1])
+
+
+def _exact_search_folded(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    ctf_disc: torch.Tensor | None,
+    budget: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search of Fourier-disc references with the shifts folded into the queries.
+
+    Each block of rotated-gallery images is turned into vectors once (CTF, weights,
+    Parseval weight, cosine normalisation); ``−½|u|² + Q_s·uᵀ`` is one ``addmm`` over
+    all particles × shifts, and the best ``k`` per particle over shifts × images are
+    merged across blocks. Distances ``|q|² + |u|² − 2⟨q_s, u⟩`` equal those of the
+    regenerated shifted references (:func:`_shifted_queries`).
+    """
+    device = gallery.coeffs.device
+    n_shifts = gallery.n_shifts
+    q = queries.to(device, torch.float32)
+    n, dim = q.shape
+    # queries in chunks whose shifted copies take at most a quarter of the budget
+    chunk = max(1, int(budget // 4 // max(n_shifts * dim * 4, 1)))
+    if n > chunk:
+        parts = [_exact_search_folded(gallery, q[s : s + chunk], k, ctf_disc=ctf_disc,
+                                      budget=budget, progress=progress if s == 0 else None)
+                 for s in range(0, n, chunk)]
+        return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+    q_norm = (q * q).sum(dim=1, keepdim=True)
+    shifted = _shifted_queries(gallery, q)
+    per_image = dim * 4 * 4 + n * n_shifts * 4 * 2  # vectors, scores and top-k workspace
+    step = max(1, int((budget - shifted.numel() * 4) // per_image))
+    best_d = best_i = None
+    for start in range(0, gallery.n_images, step):
+        stop = min(gallery.n_images, start + step)
+        coeffs = gallery.coeffs[start:stop]
+        if ctf_disc is not None:
+            coeffs = coeffs * ctf_disc
+        if gallery.weights is not None:
+            coeffs = coeffs * gallery.weights
+        u = normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+        half_norm = (u * u).sum(dim=1).mul_(-0.5)
+        score = torch.addmm(half_norm[None, :], shifted, u.T).view(n, -1)  # (n, S · m)
+        kk = min(k, score.shape[1])
+        top, flat = torch.topk(score, kk, dim=1) if kk > 1 else torch.max(score, 1, keepdim=True)
+        shift = torch.div(flat, stop - start, rounding_mode="floor")
+        image = flat - shift * (stop - start) + start
+        best_d, best_i = merge_topk(best_d, best_i, q_norm - 2.0 * top, image * n_shifts + shift, k)
         if progress is not None:
             progress(stop - start)
     return best_d, best_i
