@@ -136,9 +136,10 @@ def test_improper_elements_give_equal_projections(name, rng):
 def noise_star(tmp_path_factory):
     """300 pure-noise 40-px images with random poses: a symmetrised noise map matches
     RELION's only if the group's operators (and the algorithm) agree."""
-    from swiftalign.io.mrc import write_stack
     import pandas as pd
     import starfile
+
+    from swiftalign.io.mrc import write_stack
 
     out = tmp_path_factory.mktemp("symnoise")
     rng = np.random.default_rng(3)
