@@ -27,7 +27,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from swiftalign.conventions import centred_rfft2
-from swiftalign.ctf import CtfParams, ctf_rfft2, electron_wavelength_angstrom, wiener_filter
+from swiftalign.ctf import (
+    CtfParams,
+    ctf_envelope_from_table,
+    ctf_rfft2,
+    electron_wavelength_angstrom,
+    wiener_filter,
+)
 from swiftalign.errors import InputError
 from swiftalign.fourier import (
     Disc,
@@ -276,6 +282,7 @@ def ctf_params_from_table(table: ParticleTable) -> CtfParams:
         table.cs_mm,
         table.amplitude_contrast,
         table.column("rlnPhaseShift", default=0.0),
+        *ctf_envelope_from_table(table),  # rlnCtfBfactor, rlnCtfScalefactor
     )
     for name, vals in (("rlnDefocusU", du), ("rlnDefocusV", dv)):
         bad = ~np.isfinite(vals)
