@@ -58,7 +58,13 @@ from swiftalign.alignment import (
 from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
-from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
+from swiftalign.fsc import (
+    auto_solvent_mask,
+    gold_standard_fsc,
+    lowpass,
+    require_signal,
+    write_fsc_star,
+)
 from swiftalign.io.mrc import MapData, atomic_path, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
@@ -539,6 +545,7 @@ def run_refinement(
             smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
             fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
                                     seed=config.seed + it)
+            require_signal(fsc, f"iteration {it}, class {c + 1}")
             res_c = max(fsc.resolution_angstrom, nyquist)
             resolutions.append(res_c)
             prefix = "" if n_classes == 1 else f"class{c + 1}_"
@@ -550,7 +557,7 @@ def run_refinement(
                            half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
                            mask_name=config.solvent_mask_path or "auto")
             save_figure(fsc_figure_from_result(
-                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_angstrom:.2f} Å"),
+                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_text()}"),
                 it_dir / f"{prefix}fsc.png")
             n1 = half_maps[(c, 1)]
             n2 = half_maps[(c, 2)]
@@ -567,6 +574,7 @@ def run_refinement(
                 "resolution_angstrom": float(fsc.resolution_angstrom),
                 "resolution_05_angstrom": float(fsc.resolution_05_angstrom),
                 "resolution_unmasked_angstrom": float(fsc.resolution_unmasked_angstrom),
+                "resolution_is_bound": bool(fsc.resolution_is_bound),
             })
         timings["fsc_and_maps"] = time.perf_counter() - t_step
         new_res = float(min(resolutions))
@@ -612,6 +620,7 @@ def run_refinement(
             "angular_step_deg": dphi,
             "shift_step_px": ds,
             "resolution_angstrom": new_res,
+            "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
             "kept": int(keep.sum()),
             "rejected": int((~keep).sum()),
             "classes": class_stats,

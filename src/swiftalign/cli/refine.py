@@ -178,7 +178,8 @@ def refine_command(
             t.add_column(col, justify="right")
         for h in result["history"]:
             t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
-                      f"{h['resolution_angstrom']:.2f}", str(h["kept"]), str(h["rejected"]),
+                      f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
+                      str(h["kept"]), str(h["rejected"]),
                       f"{h['seconds']:.0f}")
         console.print(t)
         console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")
