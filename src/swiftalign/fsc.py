@@ -132,7 +132,7 @@ def estimate_resolution(fsc: np.ndarray, threshold: float, box_size: int,
     rise = np.nonzero(significant[cross:] & (fsc[cross:] > threshold + RISE_MARGIN))[0]
     message = None
     if len(rise):
-        j = cross + int(rise[0])
+        j = cross + int(rise[np.argmax(fsc[cross + rise])])  # the highest rise
         message = (f"the FSC falls below {threshold:g} at {res:.2f} Å but rises to {fsc[j]:.2f} "
                    f"at {box_size * pixel_size_angstrom / j:.2f} Å: check the mask, the "
                    "half-set split and the symmetry")
