@@ -178,3 +178,64 @@ def test_symmetrised_reconstruction_equals_relion(noise_star, name):
                        pixel_size_angstrom=3.0, symmetry_group=symmetry_matrices(name))
     f = fsc_curve(ours, mrcfile.read(out / f"{name}.mrc"))
     assert f[1:-2].min() > 0.99
+
+
+def _d7_maps() -> tuple[np.ndarray, np.ndarray]:
+    """A D7 map as RELION sets it (2-fold on x) and the same map turned 90° about z (2-fold on y)."""
+    from scipy.ndimage import affine_transform, gaussian_filter
+
+    n = 48
+    c = np.full(3, n // 2, dtype=np.float64)
+    r = np.linalg.norm(np.indices((n,) * 3).reshape(3, -1).T - c, axis=1).reshape((n,) * 3)
+    blob = gaussian_filter(np.random.default_rng(7).normal(size=(n,) * 3), 1.5) * (r < 16)
+    blob = np.clip(blob, 0, None)
+    right = np.zeros_like(blob)
+    for m in symmetry_matrices("D7"):
+        mz = m[::-1, ::-1]
+        right += affine_transform(blob, mz, offset=c - mz @ c, order=1)
+    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])[::-1, ::-1]
+    wrong = affine_transform(right, turn, offset=c - turn @ c, order=1)
+    return right, wrong
+
+
+def test_reference_inconsistent_with_symmetry_is_refused(caplog):
+    from swiftalign.errors import InputError
+    from swiftalign.symmetry import SYMMETRY_REFUSE_BELOW, check_reference_symmetry
+
+    right, wrong = _d7_maps()
+    kw = {"pixel_size_angstrom": 2.0, "resolution_angstrom": 8.0}
+    good = check_reference_symmetry(right, "D7", name="right.mrc", **kw)
+    assert good > 0.98  # measured 0.996
+    with pytest.raises(InputError, match=r"wrong\.mrc: agrees with its own D7 symmetry at only "
+                                         r"0\.[0-8]\d.*--force-symmetry"):
+        check_reference_symmetry(wrong, "D7", name="wrong.mrc", **kw)
+    forced = check_reference_symmetry(wrong, "D7", name="wrong.mrc", force=True, **kw)
+    assert forced < SYMMETRY_REFUSE_BELOW  # measured 0.78
+    assert "wrong.mrc: agrees with its own D7" in caplog.text
+    assert check_reference_symmetry(wrong, "C7", **kw) > 0.98  # its 7-fold is right
+    assert check_reference_symmetry(wrong, "C1", **kw) == 1.0
+
+
+def test_align_and_refine_refuse_a_reference_without_the_symmetry(tmp_path, trpv1_map):
+    """TRPV1 is C4: D4 (2-folds on x) is refused before any work, in one line; forced, it runs."""
+    from importlib.resources import files
+
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+    from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
+
+    cfg = SimulationConfig(n_particles=6, snr_db=10.0, symmetry="C4", seed=1)
+    images, truth = simulate_particles(trpv1_map, cfg)
+    star = write_dataset(tmp_path / "sim", images, truth, pixel_size_angstrom=4.88, config=cfg)
+    ref = str(files("swiftalign") / "data" / "trpv1_volume.mrc")
+    runner = CliRunner()
+    for cmd in (["align", str(star), "-r", ref, "--resolution", "30", "-o", str(tmp_path / "a.star")],
+                ["refine", str(star), "-r", ref, "--initial-resolution", "40", "-o",
+                 str(tmp_path / "ref")]):
+        r = runner.invoke(app, [*cmd, "--symmetry", "D4", "-q"])
+        assert r.exit_code != 0
+        assert re.search(r"trpv1_volume\.mrc: agrees with its own D4 symmetry at only 0\.[0-4]",
+                         r.output), r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "a.star").exists()

@@ -70,7 +70,7 @@ from swiftalign.search import (
     train_index,
     validate_factory,
 )
-from swiftalign.symmetry import parse_symmetry, symmetry_matrices
+from swiftalign.symmetry import check_reference_symmetry, parse_symmetry, symmetry_matrices
 
 __all__ = [
     "AlignConfig",
@@ -111,6 +111,7 @@ class AlignConfig(BaseModel):
 
     resolution_angstrom: float = Field(gt=0, description="resolution limit Tmax (Å)")
     symmetry: str = "C1"
+    force_symmetry: bool = False  # align even if the reference disagrees with the symmetry
     angular_step_deg: float | None = Field(default=None, gt=0)
     psi_step_deg: float | None = Field(default=None, gt=0)
     shift_step_px: float | None = Field(default=None, gt=0)
@@ -984,6 +985,9 @@ def align_particles(
         reference = refset.reference
     else:
         pixel_size, reference = check_inputs(table, images, reference)
+        check_reference_symmetry(reference.data, config.symmetry, pixel_size_angstrom=pixel_size,
+                                 resolution_angstrom=config.resolution_angstrom,
+                                 force=config.force_symmetry, name=str(reference.path))
         refset = None
         sampling, disc = plan_reference_set(config, pixel_size, images.box_size)
     box = images.box_size

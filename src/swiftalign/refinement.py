@@ -77,7 +77,7 @@ from swiftalign.plots import (
 from swiftalign.reconstruction import reconstruct, reconstruct_from_accumulators
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.search import train_index
-from swiftalign.symmetry import symmetry_matrices
+from swiftalign.symmetry import check_reference_symmetry, symmetry_matrices
 
 __all__ = ["RefineConfig", "run_refinement"]
 
@@ -93,6 +93,7 @@ class RefineConfig(BaseModel):
     max_resolution_angstrom: float = Field(default=8.0, gt=0)
     global_resolution_angstrom: float = Field(default=20.0, gt=0)
     symmetry: str = "C1"
+    force_symmetry: bool = False  # refine even if a reference disagrees with the symmetry
     repetitions: int = Field(default=3, ge=1)
     iterations: int = Field(default=8, ge=1)
     fsc_threshold: float = Field(default=0.143, gt=0, lt=1)
@@ -354,6 +355,10 @@ def run_refinement(
     checked = [check_inputs(table, images, ref) for ref in references]
     pixel_size = checked[0][0]
     references = [ref for _, ref in checked]
+    for ref in references:  # refuse a reference inconsistent with the symmetry (issue 14)
+        check_reference_symmetry(ref.data, sym, pixel_size_angstrom=pixel_size, name=str(ref.path),
+                                 resolution_angstrom=config.initial_resolution_angstrom,
+                                 force=config.force_symmetry)
     box = images.box_size
     ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
     halves = _half_sets(table, config.seed)
