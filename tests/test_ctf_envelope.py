@@ -112,3 +112,16 @@ def test_reconstruction_applies_envelope_as_relion(tmp_path):
     assert np.median(f0[1:]) < 0.85
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95
     assert np.corrcoef(without.ravel(), theirs.ravel())[0, 1] < 0.7
+
+
+def test_cryosparc_bfactor_and_scale_are_read(tmp_path):
+    from conftest import shared_file
+
+    raw = np.load(shared_file("cryodrgn/empiar_10076_7.cs"))
+    raw["ctf/bfactor"][:3] = [0.0, 50.0, 120.0]
+    raw["ctf/scale"][:3] = [1.0, 0.8, 0.5]
+    with open(tmp_path / "p.cs", "wb") as f:
+        np.save(f, raw)
+    p = ctf_params_from_table(read_particles(tmp_path / "p.cs"))
+    np.testing.assert_allclose(p.bfactor_angstrom2[:3], [0, 50, 120])
+    np.testing.assert_allclose(p.scale[:3], [1, 0.8, 0.5])
