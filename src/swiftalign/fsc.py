@@ -464,13 +464,14 @@ def write_fsc_star(
         "rlnParticleBoxFractionSolventMask": frac,
         "rlnMaskName": mask_name,
         "rlnRandomiseFrom": float(box * pixel_size_angstrom / max(fsc.randomised_from_shell, 1)),
-        # not RELION labels (RELION skips unknown ones): 1 when rlnFinalResolution is only a
-        # bound (the FSC never fell below the threshold: ≤ Nyquist), 1 when there is no signal
-        # (rlnFinalResolution is then 999, RELION's value for "no resolution")
-        "swiftalignResolutionIsBound": int(fsc.resolution_is_bound),
-        "swiftalignNoSignal": int(fsc.no_signal),
     }
-    if general["swiftalignNoSignal"]:
+    # not RELION labels (RELION skips unknown ones), written only when set so that other files
+    # keep relion_postprocess's labels exactly: rlnFinalResolution is only a bound (the FSC
+    # never fell below the threshold: ≤ Nyquist), or there is no signal (999, "no resolution")
+    if fsc.resolution_is_bound:
+        general["swiftalignResolutionIsBound"] = 1
+    if fsc.no_signal:
+        general["swiftalignNoSignal"] = 1
         general["rlnFinalResolution"] = 999.0
     tmp = atomic_path(path)
     try:
