@@ -20,7 +20,7 @@ def test_group_orders_and_closure(sym, order):
     prod = np.einsum("aij,bjk->abik", g, g).reshape(-1, 9)
     flat = g.reshape(-1, 9)
     d = np.abs(prod[:, None, :] - flat[None]).max(-1).min(1)
-    assert d.max() < 1e-9
+    assert d.max() < 1e-6  # RELION gives the icosahedral axes to 9-10 digits: products close to ~1e-7
 
 
 @pytest.mark.parametrize("sym", ["C1", "C4", "D3", "T", "O", "I"])

@@ -27,7 +27,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from swiftalign.conventions import centred_rfft2
-from swiftalign.ctf import CtfParams, ctf_rfft2, electron_wavelength_angstrom, wiener_filter
+from swiftalign.ctf import (
+    CtfParams,
+    ctf_envelope_from_table,
+    ctf_rfft2,
+    electron_wavelength_angstrom,
+    wiener_filter,
+)
 from swiftalign.errors import InputError
 from swiftalign.fourier import (
     Disc,
@@ -64,7 +70,7 @@ from swiftalign.search import (
     train_index,
     validate_factory,
 )
-from swiftalign.symmetry import parse_symmetry, symmetry_matrices
+from swiftalign.symmetry import check_reference_symmetry, parse_symmetry, symmetry_matrices
 
 __all__ = [
     "AlignConfig",
@@ -105,6 +111,7 @@ class AlignConfig(BaseModel):
 
     resolution_angstrom: float = Field(gt=0, description="resolution limit Tmax (Å)")
     symmetry: str = "C1"
+    force_symmetry: bool = False  # align even if the reference disagrees with the symmetry
     angular_step_deg: float | None = Field(default=None, gt=0)
     psi_step_deg: float | None = Field(default=None, gt=0)
     shift_step_px: float | None = Field(default=None, gt=0)
@@ -276,6 +283,7 @@ def ctf_params_from_table(table: ParticleTable) -> CtfParams:
         table.cs_mm,
         table.amplitude_contrast,
         table.column("rlnPhaseShift", default=0.0),
+        *ctf_envelope_from_table(table),  # rlnCtfBfactor, rlnCtfScalefactor
     )
     for name, vals in (("rlnDefocusU", du), ("rlnDefocusV", dv)):
         bad = ~np.isfinite(vals)
@@ -977,6 +985,9 @@ def align_particles(
         reference = refset.reference
     else:
         pixel_size, reference = check_inputs(table, images, reference)
+        check_reference_symmetry(reference.data, config.symmetry, pixel_size_angstrom=pixel_size,
+                                 resolution_angstrom=config.resolution_angstrom,
+                                 force=config.force_symmetry, name=str(reference.path))
         refset = None
         sampling, disc = plan_reference_set(config, pixel_size, images.box_size)
     box = images.box_size

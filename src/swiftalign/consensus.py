@@ -18,6 +18,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from swiftalign.conventions import angular_distance_deg, euler_to_matrix, matrix_to_euler
+from swiftalign.symmetry import equivalent_poses
 
 __all__ = ["Consensus", "consensus"]
 
@@ -81,7 +82,7 @@ def consensus(
     n, reps, _ = euler_deg.shape
     mats = euler_to_matrix(euler_deg)  # (n, R, 3, 3)
     anchor = mats[:, :1]  # (n, 1, 3, 3)
-    mates = np.einsum("nrij,gkj->nrgik", mats, symmetry_group)  # A·gᵀ
+    mates = equivalent_poses(mats, symmetry_group)  # (n, R, G, 3, 3): A·gᵀ
     d = angular_distance_deg(mates, anchor[:, :, None])  # (n, R, G)
     best = np.argmin(d, axis=2)
     aligned = np.take_along_axis(mates, best[..., None, None, None], axis=2)[:, :, 0]

@@ -4,6 +4,12 @@ RELION conventions (see :mod:`swiftalign.conventions`): defocus U/V in Å,
 positive underfocus; the defocus angle in degrees from the x axis to the
 direction of defocus U; phase shift in degrees. torch-ctf takes mean defocus
 and half the astigmatism in µm; this module is the only place that converts.
+
+RELION's envelope (``CTF::getCTF`` in RELION's ``src/ctf.h``): the CTF is
+multiplied by ``scale · exp(−B·s²/4)`` with ``B = rlnCtfBfactor`` (Å²) and
+``scale = rlnCtfScalefactor``, ``s`` the spatial frequency in 1/Å. Both are
+read from the particle block, else the optics block, else 0 and 1 (RELION's
+``CTF::readByGroup``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ import numpy as np
 import torch
 from torch_ctf import calculate_ctf_2d
 
-__all__ = ["CtfParams", "ctf_rfft2", "wiener_filter", "electron_wavelength_angstrom"]
+from swiftalign.errors import InputError
+
+__all__ = [
+    "CtfParams",
+    "ctf_rfft2",
+    "ctf_envelope_from_table",
+    "wiener_filter",
+    "electron_wavelength_angstrom",
+]
 
 
 class CtfParams:
@@ -28,6 +42,10 @@ class CtfParams:
         Microscope optics.
     phase_shift_deg : array_like
         Additional phase shift in degrees (phase plate).
+    bfactor_angstrom2 : array_like
+        RELION ``rlnCtfBfactor`` in Å²: envelope ``exp(−B·s²/4)``.
+    scale : array_like
+        RELION ``rlnCtfScalefactor``: the CTF is multiplied by it.
     """
 
     _FIELDS = (
@@ -38,6 +56,8 @@ class CtfParams:
         "cs_mm",
         "amplitude_contrast",
         "phase_shift_deg",
+        "bfactor_angstrom2",
+        "scale",
     )
 
     def __init__(
@@ -49,9 +69,11 @@ class CtfParams:
         cs_mm,
         amplitude_contrast,
         phase_shift_deg=0.0,
+        bfactor_angstrom2=0.0,
+        scale=1.0,
     ) -> None:
         values = (defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv, cs_mm,
-                  amplitude_contrast, phase_shift_deg)
+                  amplitude_contrast, phase_shift_deg, bfactor_angstrom2, scale)
         arrays = [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in values]
         n = max(a.size for a in arrays)
         for name, a in zip(self._FIELDS, arrays, strict=True):
@@ -99,7 +121,8 @@ def ctf_rfft2(
     -------
     torch.Tensor
         `(n, N, N // 2 + 1)` float32, not fftshifted, positive at low frequency
-        for positive amplitude contrast (RELION sign).
+        for positive amplitude contrast (RELION sign), times RELION's
+        envelope ``scale · exp(−B·s²/4)`` (module docstring).
     """
     du = params.defocus_u_angstrom
     dv = params.defocus_v_angstrom
@@ -130,7 +153,70 @@ def ctf_rfft2(
         rfft=True,
         fftshift=False,
     )
-    return ctf.to(torch.float32)
+    ctf = ctf.to(torch.float32)
+    if np.any(params.bfactor_angstrom2 != 0.0) or np.any(params.scale != 1.0):
+        ctf = ctf * _envelope(params.bfactor_angstrom2, params.scale, ps_arg, box_size, ctf.device)
+    return ctf
+
+
+def _envelope(bfactor_angstrom2: np.ndarray, scale: np.ndarray, pixel_size_angstrom: float,
+              box_size: int, device: torch.device | str) -> torch.Tensor:
+    """RELION's ``scale · exp(−B·s²/4)`` on the rfft grid, `(n, N, N // 2 + 1)` (ctf.h, K4 = −B/4)."""
+    fy = torch.fft.fftfreq(box_size, d=pixel_size_angstrom, device=device)
+    fx = torch.fft.rfftfreq(box_size, d=pixel_size_angstrom, device=device)
+    s2 = (fy[:, None] ** 2 + fx[None, :] ** 2).to(torch.float32)  # 1/Å²
+    b = torch.as_tensor(np.asarray(bfactor_angstrom2, dtype=np.float32), device=device)
+    a = torch.as_tensor(np.asarray(scale, dtype=np.float32), device=device)
+    return a[:, None, None] * torch.exp(-b[:, None, None] / 4.0 * s2)
+
+
+def ctf_envelope_from_table(table) -> tuple[np.ndarray, np.ndarray]:
+    """RELION ``rlnCtfBfactor`` (Å²) and ``rlnCtfScalefactor`` per particle.
+
+    Each is taken from the particle block, else from the particle's optics
+    group, else 0 and 1 (RELION ``CTF::readByGroup``).
+
+    Parameters
+    ----------
+    table : ParticleTable
+        Particles (``particles`` and ``optics`` data frames).
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        `(n,)` B-factors in Å² and `(n,)` scale factors.
+
+    Raises
+    ------
+    InputError
+        A non-finite value or a scale ≤ 0, naming the file, label and particle.
+    """
+    out = []
+    for label, default in (("rlnCtfBfactor", 0.0), ("rlnCtfScalefactor", 1.0)):
+        vals = _per_particle(table, label, default)
+        bad = ~np.isfinite(vals) | ((vals <= 0) if label == "rlnCtfScalefactor" else False)
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise InputError(f"{table.path}: particle {i + 1} has {label} = {vals[i]}")
+        out.append(vals)
+    return out[0], out[1]
+
+
+def _per_particle(table, label: str, default: float) -> np.ndarray:
+    """A column from the particle block, else its optics group's value, else ``default``."""
+    parts = table.particles
+    n = len(parts)
+    if label in parts:
+        return parts[label].to_numpy(dtype=np.float64)
+    optics = table.optics
+    if optics is None or label not in optics or len(optics) == 0:
+        return np.full(n, default)
+    values = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[label].astype(float),
+                      strict=True)) if "rlnOpticsGroup" in optics else {}
+    if "rlnOpticsGroup" in parts and values:
+        mapped = parts["rlnOpticsGroup"].astype(int).map(values).fillna(default)
+        return mapped.to_numpy(dtype=np.float64)
+    return np.full(n, float(optics[label].iloc[0]))
 
 
 def wiener_filter(ctf: torch.Tensor, *, constant_fraction: float = 0.1) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 from swiftalign.conventions import angular_distance_deg, euler_to_matrix
 from swiftalign.errors import InputError
 from swiftalign.io.star import ParticleTable, parse_image_name
-from swiftalign.symmetry import symmetry_matrices
+from swiftalign.symmetry import equivalent_poses, symmetry_matrices
 
 __all__ = ["symmetric_angular_error_deg", "PoseErrors", "compare_tables", "summarise"]
 
@@ -40,8 +40,7 @@ def symmetric_angular_error_deg(
     """
     a = euler_to_matrix(euler_a_deg)
     b = euler_to_matrix(euler_b_deg)
-    group = symmetry_matrices(symmetry)
-    b_eq = np.einsum("nij,gkj->ngik", b, group)  # A_b · gᵀ
+    b_eq = equivalent_poses(b, symmetry_matrices(symmetry))  # (n, G, 3, 3): A_b · gᵀ
     return angular_distance_deg(a[:, None], b_eq).min(axis=1)
 
 

@@ -10,6 +10,7 @@ Shell ``i`` is the spatial frequency ``i / N`` cycles/px, i.e. ``N·Ts / i`` Å.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,15 @@ import torch
 from scipy import ndimage
 from torch_fourier_shell_correlation import fourier_shell_correlation
 
+from swiftalign.errors import SwiftalignError
+
 __all__ = [
     "fsc_curve",
     "resolution_at",
+    "estimate_resolution",
+    "ResolutionEstimate",
+    "shell_voxel_counts",
+    "require_signal",
     "lowpass",
     "auto_solvent_mask",
     "FscResult",
@@ -35,21 +42,111 @@ def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return fourier_shell_correlation(torch.as_tensor(a), torch.as_tensor(b)).numpy()
 
 
+#: A shell carries signal when its FSC exceeds this many standard deviations of the FSC
+#: of unrelated maps, ``1/sqrt(n)`` for ``n`` independent voxels (van Heel & Schatz 2005).
+SIGNAL_SIGMAS = 3.0
+#: A later rise of the FSC above ``threshold + RISE_MARGIN`` (and significant) is warned about.
+RISE_MARGIN = 0.2
+
+
+@dataclass
+class ResolutionEstimate:
+    """Where an FSC curve crosses a threshold, honestly.
+
+    Attributes
+    ----------
+    resolution_angstrom : float
+        Crossing (Å); Nyquist ``2·Ts`` when the curve never crosses (then a
+        bound); NaN when there is no signal.
+    is_bound : bool
+        The curve never falls below the threshold: the resolution is ``≤``
+        Nyquist (limited by the pixel size, not measured).
+    no_signal : bool
+        No shell before the crossing correlates beyond chance.
+    message : str or None
+        Why there is no signal, or a warning that the curve rises well above
+        the threshold again after crossing it.
+    """
+
+    resolution_angstrom: float
+    is_bound: bool = False
+    no_signal: bool = False
+    message: str | None = None
+
+    def text(self) -> str:
+        """``"3.20 Å"``, ``"≤ 3.20 Å"`` (bound) or ``"no signal"``."""
+        if self.no_signal:
+            return "no signal"
+        return f"{'≤ ' if self.is_bound else ''}{self.resolution_angstrom:.2f} Å"
+
+
+def shell_voxel_counts(box_size: int) -> np.ndarray:
+    """`(N // 2 + 1,)` independent Fourier voxels per shell (the rfft half grid, shells rounded)."""
+    shell = np.round(_radius_fftfreq(box_size) * box_size).astype(int).ravel()
+    return np.bincount(shell[shell <= box_size // 2], minlength=box_size // 2 + 1)
+
+
+def estimate_resolution(fsc: np.ndarray, threshold: float, box_size: int,
+                        pixel_size_angstrom: float) -> ResolutionEstimate:
+    """Resolution where the FSC first falls below ``threshold``, with its caveats.
+
+    The crossing is interpolated linearly between shells (``N·Ts / shell`` Å).
+    There is *no signal* when the curve is not finite, or when no shell before
+    the crossing exceeds both the threshold and ``SIGNAL_SIGMAS/sqrt(n)`` (``n``
+    independent voxels of the shell: the spread of the FSC of unrelated maps),
+    so two noise maps or two empty maps give no resolution (RELION refuses them
+    too). A curve that never crosses gives Nyquist as a bound. A resolution is
+    never coarser than the box. A curve that rises again above ``threshold +
+    RISE_MARGIN`` (significantly) after the crossing gets a warning message.
+
+    Parameters
+    ----------
+    fsc : np.ndarray
+        `(N // 2 + 1,)` FSC per shell, shell 0 = DC.
+    threshold : float
+    box_size : int
+    pixel_size_angstrom : float
+
+    Returns
+    -------
+    ResolutionEstimate
+    """
+    fsc = np.asarray(fsc, dtype=np.float64)
+    nyquist = 2.0 * pixel_size_angstrom
+    if len(fsc) < 2 or not np.all(np.isfinite(fsc[1:])):
+        return ResolutionEstimate(float("nan"), no_signal=True,
+                                  message="the FSC is not finite (empty or constant maps)")
+    sigma = 1.0 / np.sqrt(np.maximum(shell_voxel_counts(box_size)[: len(fsc)], 1))
+    significant = fsc > np.maximum(threshold, SIGNAL_SIGMAS * sigma)
+    below = np.nonzero(fsc[1:] < threshold)[0]
+    cross = int(below[0]) + 1 if len(below) else len(fsc)
+    if not significant[1:cross].any():
+        return ResolutionEstimate(float("nan"), no_signal=True, message=(
+            f"no shell correlates beyond chance before the FSC falls below {threshold:g} "
+            "(independent noise or empty maps)"))
+    if cross == len(fsc):
+        return ResolutionEstimate(nyquist, is_bound=True)
+    prev = fsc[cross - 1]
+    frac = (prev - threshold) / (prev - fsc[cross]) if prev != fsc[cross] else 0.0
+    res = float(box_size * pixel_size_angstrom / max((cross - 1) + frac, 1.0))
+    rise = np.nonzero(significant[cross:] & (fsc[cross:] > threshold + RISE_MARGIN))[0]
+    message = None
+    if len(rise):
+        j = cross + int(rise[np.argmax(fsc[cross + rise])])  # the highest rise
+        message = (f"the FSC falls below {threshold:g} at {res:.2f} Å but rises to {fsc[j]:.2f} "
+                   f"at {box_size * pixel_size_angstrom / j:.2f} Å: check the mask, the "
+                   "half-set split and the symmetry")
+    return ResolutionEstimate(res, message=message)
+
+
 def resolution_at(fsc: np.ndarray, threshold: float, box_size: int,
                   pixel_size_angstrom: float) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold`` (linear interpolation).
 
-    Returns the Nyquist resolution ``2·Ts`` when the curve never falls below it.
+    Returns the Nyquist resolution ``2·Ts`` (a bound) when the curve never falls
+    below it, and NaN when there is no signal (see :func:`estimate_resolution`).
     """
-    fsc = np.asarray(fsc, dtype=np.float64)
-    for i in range(1, len(fsc)):
-        if fsc[i] < threshold:
-            prev = fsc[i - 1]
-            frac = (prev - threshold) / (prev - fsc[i]) if prev != fsc[i] else 0.0
-            shell = (i - 1) + frac
-            shell = max(shell, 0.5)
-            return float(box_size * pixel_size_angstrom / shell)
-    return float(2 * pixel_size_angstrom)
+    return estimate_resolution(fsc, threshold, box_size, pixel_size_angstrom).resolution_angstrom
 
 
 def _radius_fftfreq(box: int) -> np.ndarray:
@@ -131,6 +228,13 @@ class FscResult:
         Unmasked FSC at the chosen threshold.
     randomised_from_shell : int
     threshold : float
+    resolution_is_bound : bool
+        The corrected FSC never falls below the threshold: ``resolution_angstrom``
+        is Nyquist, a bound (``≤``), not a measurement.
+    no_signal : bool
+        The half maps do not correlate beyond chance (resolutions are NaN).
+    messages : tuple of str
+        Why there is no signal, or warnings (a curve that rises again).
     """
 
     resolution_per_shell_angstrom: np.ndarray
@@ -143,6 +247,38 @@ class FscResult:
     resolution_unmasked_angstrom: float
     randomised_from_shell: int
     threshold: float
+    resolution_is_bound: bool = False
+    no_signal: bool = False
+    messages: tuple[str, ...] = ()
+
+    def resolution_text(self) -> str:
+        """``"3.20 Å"``, ``"≤ 3.20 Å"`` (bound) or ``"no signal"``."""
+        return ResolutionEstimate(self.resolution_angstrom, self.resolution_is_bound,
+                                  self.no_signal).text()
+
+
+class NoSignalError(SwiftalignError, ValueError):
+    """Two half maps without correlation: no resolution can be given."""
+
+
+def require_signal(fsc: FscResult, where: str) -> None:
+    """Stop when the half maps carry no signal.
+
+    Parameters
+    ----------
+    fsc : FscResult
+    where : str
+        What was compared, e.g. ``"iteration 3, class 1"``; starts the message.
+
+    Raises
+    ------
+    NoSignalError
+        When ``fsc.no_signal``.
+    """
+    if fsc.no_signal:
+        why = fsc.messages[0] if fsc.messages else "the half maps do not correlate"
+        raise NoSignalError(f"{where}: no signal in the half maps ({why}); check the "
+                            "reference, the symmetry and the particles")
 
 
 def gold_standard_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
@@ -187,17 +323,28 @@ def gold_standard_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
     shells = np.arange(len(unmasked))
     with np.errstate(divide="ignore"):
         res_shell = np.where(shells > 0, n * pixel_size_angstrom / np.maximum(shells, 1), np.inf)
+    main = estimate_resolution(corrected, threshold, n, pixel_size_angstrom)
+    plain = estimate_resolution(unmasked, threshold, n, pixel_size_angstrom)
+    res05 = estimate_resolution(corrected, 0.5, n, pixel_size_angstrom)
+    no_signal = main.no_signal
+    messages = (main.message,) if main.message else ()
+    if messages and not no_signal:
+        warnings.warn(f"FSC: {main.message}", stacklevel=2)
+    nan = float("nan")
     return FscResult(
         resolution_per_shell_angstrom=res_shell,
         unmasked=unmasked,
         masked=masked,
         randomised=rand,
         corrected=corrected,
-        resolution_angstrom=resolution_at(corrected, threshold, n, pixel_size_angstrom),
-        resolution_05_angstrom=resolution_at(corrected, 0.5, n, pixel_size_angstrom),
-        resolution_unmasked_angstrom=resolution_at(unmasked, threshold, n, pixel_size_angstrom),
+        resolution_angstrom=nan if no_signal else main.resolution_angstrom,
+        resolution_05_angstrom=nan if no_signal or res05.no_signal else res05.resolution_angstrom,
+        resolution_unmasked_angstrom=plain.resolution_angstrom,
         randomised_from_shell=start,
         threshold=threshold,
+        resolution_is_bound=main.is_bound and not no_signal,
+        no_signal=no_signal,
+        messages=messages,
     )
 
 
@@ -320,6 +467,14 @@ def write_fsc_star(
         "rlnMaskName": mask_name,
         "rlnRandomiseFrom": float(box * pixel_size_angstrom / max(fsc.randomised_from_shell, 1)),
     }
+    # not RELION labels (RELION skips unknown ones), written only when set so that other files
+    # keep relion_postprocess's labels exactly: rlnFinalResolution is only a bound (the FSC
+    # never fell below the threshold: ≤ Nyquist), or there is no signal (999, "no resolution")
+    if fsc.resolution_is_bound:
+        general["swiftalignResolutionIsBound"] = 1
+    if fsc.no_signal:
+        general["swiftalignNoSignal"] = 1
+        general["rlnFinalResolution"] = 999.0
     tmp = atomic_path(path)
     try:
         starfile.write({"general": general, "fsc": table, "guinier": guinier}, tmp, overwrite=True)

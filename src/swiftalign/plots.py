@@ -75,6 +75,7 @@ def fsc_figure(
     threshold: float = 0.143,
     title: str = "",
     resolution_is_bound: bool = False,
+    note: str | None = None,
 ) -> Figure:
     """FSC curves against spatial frequency, with the 0.143 and 0.5 thresholds marked.
 
@@ -93,6 +94,9 @@ def fsc_figure(
     title : str
     resolution_is_bound : bool
         Mark the resolution as "≤ Nyquist" (the FSC never fell below the threshold).
+    note : str, optional
+        Written boxed in the plot: e.g. that the resolution is only a bound
+        (``≤`` Nyquist) or that there is no signal.
 
     Returns
     -------
@@ -125,6 +129,9 @@ def fsc_figure(
     ax.set_ylim(-0.1, 1.05)
     _angstrom_ticks(ax, nyquist)
     ax.set_title(title, fontsize=10)
+    if note:
+        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                bbox={"boxstyle": "round", "fc": "lightyellow", "ec": "grey"})
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
@@ -155,7 +162,20 @@ def fsc_figure_from_result(fsc, pixel_size_angstrom: float, title: str = "") -> 
         "phase-randomised (masked)": fsc.randomised,
         "corrected": fsc.corrected,
     }, threshold=fsc.threshold, title=title,
-        resolution_is_bound=bool(getattr(fsc, "resolution_is_bound", False)))
+        resolution_is_bound=bool(fsc.resolution_is_bound),
+        note=_fsc_note(fsc.resolution_is_bound, fsc.no_signal, fsc.resolution_angstrom,
+                       fsc.threshold))
+
+
+def _fsc_note(is_bound: bool, no_signal: bool, resolution_angstrom: float,
+              threshold: float) -> str | None:
+    """The plot's note for a resolution that is a bound, or for no signal."""
+    if no_signal:
+        return "no signal: the half maps do not correlate"
+    if is_bound:
+        return (f"never below {threshold:g}: resolution ≤ {resolution_angstrom:.2f} Å "
+                "(Nyquist, a bound)")
+    return None
 
 
 _STAR_CURVES = {
@@ -191,11 +211,17 @@ def fsc_figure_from_star(path: str | Path, title: str | None = None) -> Figure:
     if not curves:
         raise StarFileError(f"{path}: 'fsc' block has no FSC column")
     freq = table["rlnResolution"].to_numpy(np.float64)
+    general = blocks.get("general", {})
+    general = general if isinstance(general, Mapping) else {}
+    res = general.get("rlnFinalResolution")
+    bound = bool(int(general.get("swiftalignResolutionIsBound", 0)))
+    no_signal = bool(int(general.get("swiftalignNoSignal", 0)))
     if title is None:
-        general = blocks.get("general", {})
-        res = general.get("rlnFinalResolution") if isinstance(general, Mapping) else None
-        title = f"{path.parent.name}: {float(res):.2f} Å" if res is not None else path.parent.name
-    return fsc_figure(freq, curves, title=title)
+        text = ("no signal" if no_signal else f"{'≤ ' if bound else ''}{float(res):.2f} Å"
+                if res is not None else None)
+        title = f"{path.parent.name}: {text}" if text else path.parent.name
+    note = _fsc_note(bound, no_signal, float(res) if res is not None else float("nan"), 0.143)
+    return fsc_figure(freq, curves, title=title, resolution_is_bound=bound, note=note)
 
 
 def angular_histogram(rot_deg: np.ndarray, tilt_deg: np.ndarray, bins_deg: float | None = None

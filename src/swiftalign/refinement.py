@@ -58,7 +58,13 @@ from swiftalign.alignment import (
 from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
-from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
+from swiftalign.fsc import (
+    auto_solvent_mask,
+    gold_standard_fsc,
+    lowpass,
+    require_signal,
+    write_fsc_star,
+)
 from swiftalign.io.mrc import MapData, atomic_path, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
@@ -71,7 +77,7 @@ from swiftalign.plots import (
 from swiftalign.reconstruction import reconstruct, reconstruct_from_accumulators
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.search import train_index
-from swiftalign.symmetry import symmetry_matrices
+from swiftalign.symmetry import check_reference_symmetry, symmetry_matrices
 
 __all__ = ["RefineConfig", "run_refinement"]
 
@@ -87,6 +93,7 @@ class RefineConfig(BaseModel):
     max_resolution_angstrom: float = Field(default=8.0, gt=0)
     global_resolution_angstrom: float = Field(default=20.0, gt=0)
     symmetry: str = "C1"
+    force_symmetry: bool = False  # refine even if a reference disagrees with the symmetry
     repetitions: int = Field(default=3, ge=1)
     iterations: int = Field(default=8, ge=1)
     fsc_threshold: float = Field(default=0.143, gt=0, lt=1)
@@ -370,6 +377,10 @@ def run_refinement(
     checked = [check_inputs(table, images, ref) for ref in references]
     pixel_size = checked[0][0]
     references = [ref for _, ref in checked]
+    for ref in references:  # refuse a reference inconsistent with the symmetry (issue 14)
+        check_reference_symmetry(ref.data, sym, pixel_size_angstrom=pixel_size, name=str(ref.path),
+                                 resolution_angstrom=config.initial_resolution_angstrom,
+                                 force=config.force_symmetry)
     box = images.box_size
     ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
     halves = _half_sets(table, config.seed)
@@ -561,6 +572,7 @@ def run_refinement(
             smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
             fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
                                     seed=config.seed + it)
+            require_signal(fsc, f"iteration {it}, class {c + 1}")
             res_c = max(fsc.resolution_angstrom, nyquist)
             resolutions.append(res_c)
             prefix = "" if n_classes == 1 else f"class{c + 1}_"
@@ -573,7 +585,7 @@ def run_refinement(
                            half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
                            mask_name=config.solvent_mask_path or "auto")
             save_figure(fsc_figure_from_result(
-                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_angstrom:.2f} Å"),
+                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_text()}"),
                 it_dir / f"{prefix}fsc.png")
             n1 = half_maps[(c, 1)]
             n2 = half_maps[(c, 2)]
@@ -590,6 +602,7 @@ def run_refinement(
                 "resolution_angstrom": float(fsc.resolution_angstrom),
                 "resolution_05_angstrom": float(fsc.resolution_05_angstrom),
                 "resolution_unmasked_angstrom": float(fsc.resolution_unmasked_angstrom),
+                "resolution_is_bound": bool(fsc.resolution_is_bound),
             })
         timings["fsc_and_maps"] = time.perf_counter() - t_step
         new_res = float(min(resolutions))
@@ -635,6 +648,7 @@ def run_refinement(
             "angular_step_deg": dphi,
             "shift_step_px": ds,
             "resolution_angstrom": new_res,
+            "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
             "kept": int(keep.sum()),
             "rejected": int((~keep).sum()),
             "classes": class_stats,

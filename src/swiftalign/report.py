@@ -187,7 +187,8 @@ def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
         mode = " (local)" if h.get("local_pass") else ""
         rows.append([
             f"{h['iteration']}{mode}", _num(h.get("alignment_resolution_angstrom")),
-            _num(h["resolution_angstrom"]), _num(res05),
+            ("≤ " if h.get("resolution_is_bound") else "") + _num(h["resolution_angstrom"]),
+            _num(res05),
             str(h["kept"]), str(h["rejected"]), pops, _num(h.get("seconds"), ".1f"),
             f"{t['alignment']:.1f}" if "alignment" in t else "–",
             f"{t['reconstruction']:.1f}" if "reconstruction" in t else "–",
@@ -281,7 +282,8 @@ def _refine_section(run_dir: Path) -> tuple[str, str]:
         parts.append('<p class="note">no completed iteration yet</p>')
         return "".join(parts), "refinement (no completed iteration)"
     final = history[-1]
-    summary = (f"{len(history)} iteration(s); final resolution {final['resolution_angstrom']:.2f} Å "
+    bound = "≤ " if final.get("resolution_is_bound") else ""  # never below 0.143: a bound
+    summary = (f"{len(history)} iteration(s); final resolution {bound}{final['resolution_angstrom']:.2f} Å "
                f"(FSC 0.143, corrected), {final['kept']} particles kept, {final['rejected']} rejected")
     parts.append(f"<p>{html.escape(summary)}</p>")
     parts.append(_img(refinement_summary_figure(history), "refinement summary",

@@ -85,6 +85,10 @@ class SimulationConfig:
     noise_psd_exponent: float = 0.0
     seed: int = 0
     batch_size: int = 256
+    #: RELION ``rlnCtfBfactor`` drawn uniformly in [0, max] Å² (0: no column).
+    ctf_bfactor_max_angstrom2: float = 0.0
+    #: RELION ``rlnCtfScalefactor`` drawn uniformly in [min, 1] (1: no column).
+    ctf_scale_min: float = 1.0
 
 
 def _truncate_shifts(shifts: np.ndarray, config: SimulationConfig) -> np.ndarray:
@@ -101,6 +105,16 @@ def _truncate_shifts(shifts: np.ndarray, config: SimulationConfig) -> np.ndarray
     while far.any():  # rejection rounds, vectorised over the particles still outside
         out[far] = rng.normal(0.0, config.shift_sigma_px, size=(int(far.sum()), 2))
         far = np.hypot(out[:, 0], out[:, 1]) > config.max_shift_px
+    return out
+
+
+def _envelope_columns(config: SimulationConfig, rng: np.random.Generator, n: int) -> dict:
+    """Per-particle ``rlnCtfBfactor``/``rlnCtfScalefactor`` when the config asks for them."""
+    out = {}
+    if config.ctf_bfactor_max_angstrom2 > 0:
+        out["rlnCtfBfactor"] = rng.uniform(0.0, config.ctf_bfactor_max_angstrom2, n)
+    if config.ctf_scale_min < 1.0:
+        out["rlnCtfScalefactor"] = rng.uniform(config.ctf_scale_min, 1.0, n)
     return out
 
 
@@ -150,7 +164,9 @@ def simulate_particles(
     astig = rng.uniform(0.0, config.astigmatism_max_angstrom, n)
     angle = rng.uniform(-180.0, 180.0, n)
     du, dv = mean_df + astig / 2.0, mean_df - astig / 2.0
-    ctf = CtfParams(du, dv, angle, config.voltage_kv, config.cs_mm, config.amplitude_contrast, 0.0)
+    envelope = _envelope_columns(config, rng, n)
+    ctf = CtfParams(du, dv, angle, config.voltage_kv, config.cs_mm, config.amplitude_contrast, 0.0,
+                    envelope.get("rlnCtfBfactor", 0.0), envelope.get("rlnCtfScalefactor", 1.0))
     volume = torch.as_tensor(vol)
     gen = torch.Generator().manual_seed(config.seed)
     images = np.empty((n, box, box), dtype=np.float32)
@@ -183,6 +199,7 @@ def simulate_particles(
             "rlnDefocusV": dv,
             "rlnDefocusAngle": angle,
             "rlnPhaseShift": np.zeros(n),
+            **envelope,
         }
     )
     return images, truth

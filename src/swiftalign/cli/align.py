@@ -83,7 +83,11 @@ def align_command(
     chunk_size: Annotated[int, typer.Option(
         help="Particles per Dask task.")] = 1000,
     symmetry: Annotated[str, typer.Option(
-        help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
+        help="Point group as RELION names it: C1, Cn, Ci, Cs, Cnv, Cnh, Sn, Dn, Dnv, Dnh, T, Td, "
+        "Th, O, Oh, I (=I2), I1, I3, I4, Ih … (RELION's operators and axes).")] = "C1",
+    force_symmetry: Annotated[bool, typer.Option(
+        "--force-symmetry", help="Align even when the reference disagrees with its own "
+        "symmetry (agreement below 0.9, see swiftalign.symmetry).")] = False,
     angular_step: Annotated[float | None, typer.Option(
         help="Angular step ΔΦ (°); default asin(Tmax/(N·Ts)).")] = None,
     psi_step: Annotated[float | None, typer.Option(help="In-plane step (°); default ΔΦ.")] = None,
@@ -189,7 +193,8 @@ def align_command(
                 psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
                 ctf_mode=ctf_mode, weighting=weighting, transform=transform, index=index,
                 target_recall=target_recall, metric=metric, seed=seed,
-                particle_diameter_angstrom=particle_diameter, **run,
+                particle_diameter_angstrom=particle_diameter, force_symmetry=force_symmetry,
+                **run,
             )
         config.symmetry_checked()
     except (ValidationError, *USER_ERRORS) as exc:

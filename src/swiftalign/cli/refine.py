@@ -52,7 +52,11 @@ def refine_command(
         "iteration (from the start if it was stopped during the first); give the same "
         "inputs and options.")] = None,
     symmetry: Annotated[str, typer.Option(
-        help="Point group: C1, Cn, Dn, T, O, I (RELION conventions).")] = "C1",
+        help="Point group as RELION names it: C1, Cn, Ci, Cs, Cnv, Cnh, Sn, Dn, Dnv, Dnh, T, Td, "
+        "Th, O, Oh, I (=I2), I1, I3, I4, Ih … (RELION's operators and axes).")] = "C1",
+    force_symmetry: Annotated[bool, typer.Option(
+        "--force-symmetry", help="Refine even when the reference disagrees with its own "
+        "symmetry (agreement below 0.9, see swiftalign.symmetry).")] = False,
     iterations: Annotated[int, typer.Option(
         help="Maximum iterations (stops earlier after two iterations gaining less than one "
         "Fourier shell).")] = 8,
@@ -129,6 +133,7 @@ def refine_command(
         config = RefineConfig(
             initial_resolution_angstrom=initial_resolution, max_resolution_angstrom=max_resolution,
             global_resolution_angstrom=global_resolution, symmetry=symmetry,
+            force_symmetry=force_symmetry,
             repetitions=repetitions, iterations=iterations, fsc_threshold=fsc_threshold,
             low_resolution_join_angstrom=low_resolution_join, local_passes=local_passes,
             local_angle_deg=local_angle, local_shift_px=local_shift, max_shift_px=max_shift,
@@ -178,7 +183,8 @@ def refine_command(
             t.add_column(col, justify="right")
         for h in result["history"]:
             t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
-                      f"{h['resolution_angstrom']:.2f}", str(h["kept"]), str(h["rejected"]),
+                      f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
+                      str(h["kept"]), str(h["rejected"]),
                       f"{h['seconds']:.0f}")
         console.print(t)
         console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")

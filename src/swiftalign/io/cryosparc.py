@@ -24,6 +24,8 @@ Field mapping
 ``ctf/phase_shift_rad``         ``rlnPhaseShift`` = degrees(value).
 ``ctf/accel_kv``, ``ctf/cs_mm``,  voltage (kV), Cs (mm), amplitude contrast.
 ``ctf/amp_contrast``
+``ctf/bfactor``, ``ctf/scale``  ``rlnCtfBfactor`` (Å²), ``rlnCtfScalefactor``
+                                (RELION's CTF envelope), when present.
 ``ctf/exp_group_id``            optics groups (one per exposure group and
                                 optics values), numbered from 1.
 ``alignments3D/pose``           axis-angle vector ``v`` (radians): the RELION
@@ -266,6 +268,9 @@ def read_cryosparc(path: str | Path, *, angpix: float | None = None):
         "rlnPhaseShift": (np.degrees(_numeric(cs, path, "ctf/phase_shift_rad"))
                           if "ctf/phase_shift_rad" in names else np.zeros(n)),
     })
+    for field, label in (("ctf/bfactor", "rlnCtfBfactor"), ("ctf/scale", "rlnCtfScalefactor")):
+        if field in names:  # RELION's CTF envelope (swiftalign.ctf), as pyem's csparc2star
+            particles[label] = _numeric(cs, path, field)
     if "location/micrograph_path" in names:
         particles["rlnMicrographName"] = _decode(cs["location/micrograph_path"])
 
