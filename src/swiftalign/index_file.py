@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -104,7 +103,7 @@ def save_reference_index(path: str | Path, refset) -> dict:
     ValueError
         When ``refset`` has no populated index, or CTF mode ``reference``.
     """
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     if refset.index is None:
         raise ValueError("the reference set has no populated index (build it with populate=True)")
@@ -149,18 +148,13 @@ def save_reference_index(path: str | Path, refset) -> dict:
                       noise_power=np.asarray(noise.noise_power, np.float64),
                       noise_total_power=np.asarray(noise.total_power, np.float64),
                       noise_counts=np.asarray(noise.counts, np.int64))
-    tmp = atomic_path(path)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-            for name, arr in arrays.items():
-                zf.writestr(f"{name}.npy", _npy_bytes(arr))
-            if index.trained is not None:
-                zf.writestr("faiss.index", index.trained.serialize().tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                   allowZip64=True) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        for name, arr in arrays.items():
+            zf.writestr(f"{name}.npy", _npy_bytes(arr))
+        if index.trained is not None:
+            zf.writestr("faiss.index", index.trained.serialize().tobytes())
     return manifest
 
 

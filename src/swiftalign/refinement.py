@@ -59,7 +59,8 @@ from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
 from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
-from swiftalign.io.mrc import MapData, atomic_path, read_map, write_map
+from swiftalign.io.atomic import atomic_write
+from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
 from swiftalign.plots import (
@@ -155,27 +156,15 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name, then rename (a kill never leaves a truncated file)."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _save_noise(path: Path, noise) -> None:
     """Noise spectra to ``.npz`` under a temporary name, then renamed."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
-                     total_power=noise.total_power, counts=noise.counts)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
+                 total_power=noise.total_power, counts=noise.counts)
 
 
 def _load_noise(path: Path):

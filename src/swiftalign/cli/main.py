@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from swiftalign.cli import align, evaluate, index, refine, report, simulate
+from swiftalign.cli._guard import guarded
 
 app = typer.Typer(
     name="swiftalign",
@@ -17,11 +18,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("simulate", help=simulate.__doc__)(simulate.simulate_command)
-app.command("align", help=align.__doc__)(align.align_command)
-app.command("evaluate", help=evaluate.__doc__)(evaluate.evaluate_command)
-app.command("refine", help=refine.__doc__)(refine.refine_command)
-app.command("report", help=report.__doc__)(report.report_command)
+app.command("simulate", help=simulate.__doc__)(guarded(simulate.simulate_command))
+app.command("align", help=align.__doc__)(guarded(align.align_command))
+app.command("evaluate", help=evaluate.__doc__)(guarded(evaluate.evaluate_command))
+app.command("refine", help=refine.__doc__)(guarded(refine.refine_command))
+app.command("report", help=report.__doc__)(guarded(report.report_command))
 app.add_typer(index.index_app, name="index", help=index.__doc__)
 
 

@@ -7,8 +7,6 @@ Writes are atomic: a temporary name in the same folder, then a rename.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import mrcfile
 import numpy as np
 
 from swiftalign.errors import MrcFileError
+from swiftalign.io.atomic import atomic_path, atomic_write
 
 __all__ = ["MapData", "read_map", "write_map", "open_stack", "write_stack", "atomic_path"]
 
@@ -168,33 +167,15 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
     return MapData(data=data, voxel_size_angstrom=vox, path=path)
 
 
-def atomic_path(final: Path) -> Path:
-    """A temporary file name next to ``final`` (same filesystem, for ``os.replace``)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; final files follow the umask
-    return Path(tmp)
-
-
 def _write(path: Path, data: np.ndarray, voxel_size_angstrom: float, *, stack: bool) -> None:
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
-            if stack:
-                mrc.set_image_stack()
-            mrc.voxel_size = (voxel_size_angstrom, voxel_size_angstrom,
-                              voxel_size_angstrom if not stack else 1.0)
-            mrc.update_header_stats()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+        if stack:
+            mrc.set_image_stack()
+        mrc.voxel_size = (voxel_size_angstrom, voxel_size_angstrom,
+                          voxel_size_angstrom if not stack else 1.0)
+        mrc.update_header_stats()
 
 
 def write_map(path: str | Path, data: np.ndarray, voxel_size_angstrom: float) -> None:

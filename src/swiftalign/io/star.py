@@ -33,7 +33,7 @@ import pandas as pd
 import starfile
 
 from swiftalign.errors import StarFileError
-from swiftalign.io.mrc import atomic_path
+from swiftalign.io.atomic import atomic_write
 
 __all__ = [
     "ParticleTable",
@@ -546,13 +546,8 @@ def particle_blocks(
 def write_star_blocks(path: str | Path, blocks: dict[str, pd.DataFrame]) -> None:
     """Write STAR blocks atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         starfile.write(blocks, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def merge_particle_blocks(
