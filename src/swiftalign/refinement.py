@@ -59,7 +59,7 @@ from swiftalign.consensus import consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.errors import InputError
 from swiftalign.fsc import auto_solvent_mask, gold_standard_fsc, lowpass, write_fsc_star
-from swiftalign.io.atomic import atomic_write
+from swiftalign.io.atomic import StagedOutputs, atomic_write
 from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
@@ -484,8 +484,11 @@ def run_refinement(
         poses_prev = cons.euler_deg
         classes_prev = cons.class_index
 
-        it_dir = out / f"it{it:03d}"
-        it_dir.mkdir(exist_ok=True)
+        # every output of the iteration is written into a hidden staging folder, published
+        # as itNNN/ in one rename once complete
+        stage = StagedOutputs(out, f"it{it:03d}")
+        it_dir = stage.path(out / f"it{it:03d}")
+        it_dir.mkdir()
         class_stats = []
         half_maps = {}
         t_step = time.perf_counter()
@@ -622,6 +625,8 @@ def run_refinement(
         from swiftalign.cli._common import write_json
 
         write_json(it_dir / "run.json", run)
+        stage.publish()
+        it_dir = out / f"it{it:03d}"
         write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
                                 "history": history})
         _publish_final(out, it_dir)
