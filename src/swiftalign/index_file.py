@@ -159,10 +159,9 @@ def save_reference_index(path: str | Path, refset) -> dict:
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.exists():
-        raise InputError(f"{path}: no such index file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an index file")
+    from swiftalign.io.checks import require_regular_file
+
+    require_regular_file(path, "index file")
     try:
         return zipfile.ZipFile(path, "r")
     except (zipfile.BadZipFile, OSError) as exc:
@@ -172,6 +171,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
     try:
+        _check_member_size(path, zf.getinfo("manifest.json"), MAX_MANIFEST_BYTES)
         manifest = json.loads(zf.read("manifest.json"))
     except KeyError:
         raise InputError(f"{path}: not a swiftalign index file (no manifest.json)") from None
@@ -187,6 +187,73 @@ def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
             f"{swiftalign.__version__} (reads 1 to {INDEX_FORMAT_VERSION}); rebuild the index"
         )
     return manifest
+
+
+#: Largest manifest.json accepted (it holds parameters only).
+MAX_MANIFEST_BYTES = 16 * 1024**2
+#: Room for the ``.npy`` header of each array member.
+_NPY_HEADER_BYTES = 4096
+
+
+def _check_member_size(path: Path, info: zipfile.ZipInfo, limit: int) -> None:
+    """Refuse a member that would inflate beyond ``limit`` bytes, from the zip directory alone.
+
+    Index files are written uncompressed (``ZIP_STORED``), so no member can be
+    larger than the file either; a compressed or oversized member (a zip bomb,
+    a foreign file) fails here, before any byte is inflated.
+    """
+    file_bytes = path.stat().st_size
+    if info.file_size > limit or info.file_size > file_bytes:
+        raise InputError(f"{path}: corrupt index file (member {info.filename} claims "
+                         f"{info.file_size:,} bytes; at most {min(limit, file_bytes):,} expected "
+                         "from the manifest and the file size)")
+
+
+def _member_limits(manifest: dict) -> dict[str, int]:
+    """Upper bounds (bytes) of the array members implied by the manifest.
+
+    Raises
+    ------
+    InputError
+        Manifest sizes that are missing or absurd.
+    """
+    try:
+        box = int(manifest["box_size"])
+        n_poses = int(manifest["n_poses"])
+        n_coeff = int(manifest["n_coeff"])
+        n_images = int(manifest["sampling"]["n_directions"]) * int(manifest["sampling"]["n_psi"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path_of(manifest)}: corrupt index manifest ({exc})") from None
+    if not (0 < box <= 4096 and 0 < n_coeff <= box * box and 0 < n_images <= n_poses):
+        raise InputError(f"{path_of(manifest)}: corrupt index manifest (box {box}, "
+                         f"{n_images} images, {n_coeff} coefficients, {n_poses} poses)")
+    h = _NPY_HEADER_BYTES
+    small = 8 * 3 * n_poses + h  # pose tables: at most 3 float64 per pose
+    return {"reference.npy": 4 * box**3 + h, "gallery_coeffs.npy": 8 * n_images * n_coeff + h,
+            "rot_tilt_deg.npy": small, "psi_deg.npy": small, "shifts_yx_px.npy": small,
+            "noise_groups.npy": 8 * 4096 + h, "noise_counts.npy": 8 * 4096 * (box + 1) + h,
+            "noise_power.npy": 8 * 4096 * (box + 1) + h,
+            "noise_total_power.npy": 8 * 4096 * (box + 1) + h,
+            # a FAISS index stores at most the vectors themselves plus ids and lists
+            "faiss.index": n_poses * (4 * 2 * n_coeff + 16) + 64 * 1024**2}
+
+
+def path_of(manifest: dict) -> str:
+    """The index file a manifest came from, for messages."""
+    return str(manifest.get("_path", "index file"))
+
+
+def check_members(path: Path, zf: zipfile.ZipFile, manifest: dict) -> None:
+    """Every member's size against the manifest's bounds, before anything is inflated.
+
+    Raises
+    ------
+    InputError
+        A member larger than the manifest allows (or than the file).
+    """
+    limits = _member_limits({**manifest, "_path": str(path)})
+    for info in zf.infolist():
+        _check_member_size(path, info, limits.get(info.filename, MAX_MANIFEST_BYTES))
 
 
 def manifest_config(manifest: dict) -> dict:
@@ -288,6 +355,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
     path = Path(path)
     with _open_zip(path) as zf:
         manifest = _manifest(path, zf)
+        check_members(path, zf, manifest)
         arrays = {}
         try:
             for name in _ARRAYS:

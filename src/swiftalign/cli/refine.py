@@ -161,12 +161,10 @@ def _run(p: dict) -> tuple[dict, Path]:
         fail(exc)
     try:
         table = read_particles(p["particles"], angpix=p["angpix"])
-        refs = [read_map(r, voxel_size_angstrom=p["reference_angpix"]) for r in p["reference"]]
-        for r in refs:
-            if len(set(r.data.shape)) != 1:
-                raise ValueError(f"{r.path}: map is not cubic {r.data.shape}; refinement needs "
-                                 "a cubic map")
         table, images = open_usable_particles(table, max_bad_fraction=p["max_bad_fraction"])
+        refs = [read_map(r, voxel_size_angstrom=p["reference_angpix"], box_px=images.box_size,
+                         pixel_size_angstrom=float(table.pixel_size_angstrom[0]))
+                for r in p["reference"]]
         save_or_check_job(out, p, images.stack_paths, resume=continue_dir is not None)
     except USER_ERRORS as exc:
         if continue_dir is None:

@@ -34,6 +34,7 @@ import starfile
 
 from swiftalign.errors import StarFileError
 from swiftalign.io.atomic import atomic_write
+from swiftalign.io.checks import require_regular_file
 
 __all__ = [
     "ParticleTable",
@@ -230,8 +231,7 @@ def _check_numeric(path: Path, name: str, block: pd.DataFrame, rows: _LoopRows |
 
 
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
-    if not path.exists():
-        raise StarFileError(f"{path}: no such file")
+    require_regular_file(path, "STAR file", error=StarFileError)
     raw = path.read_bytes()
     if b"\r" in raw:  # Windows / old-Mac line endings: parse as the LF original
         text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
@@ -312,7 +312,7 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     """
     from swiftalign.io.cryosparc import is_cryosparc_file, read_cryosparc
 
-    path = Path(path)
+    path = require_regular_file(path, "particle file (STAR or .cs)", error=StarFileError)
     if is_cryosparc_file(path):
         return read_cryosparc(path, angpix=angpix)
     if angpix is not None and not angpix > 0:
@@ -483,24 +483,48 @@ def _optics_for_output(table: ParticleTable, box_size: int) -> tuple[pd.DataFram
     return optics, groups
 
 
-def _rebase_image_names(names: pd.Series, source_dir: Path, target_dir: Path) -> pd.Series:
-    """Rewrite relative ``N@stack`` paths so they resolve from ``target_dir`` as they did from
-    ``source_dir`` (images are found relative to the STAR file's folder)."""
-    src, dst = Path(source_dir).resolve(), Path(target_dir).resolve()
-    if src == dst:
-        return names
+def project_relative(found: Path, cwd: str) -> str:
+    """``found`` as RELION names it: relative to the project folder ``cwd``, or absolute.
+
+    The relative name is lexical (a symlinked folder keeps its name, as RELION
+    writes it) when it opens the same file from ``cwd``; otherwise (``..``
+    through a symlink) it is taken between the real paths, as the kernel
+    resolves ``..``; absolute when no relative name reaches the file.
+    """
+    target = found if found.is_absolute() else Path(cwd) / found
+    lexical = os.path.relpath(target, cwd)
+    try:
+        if os.path.samefile(Path(cwd) / lexical, target):
+            return lexical
+        real = os.path.relpath(os.path.realpath(target), os.path.realpath(cwd))
+        if os.path.samefile(Path(cwd) / real, target):
+            return real
+    except OSError:
+        return str(found)  # the stack is missing: the name is left as it was
+    return os.path.realpath(target)
+
+
+def _project_image_names(names: pd.Series, source_dir: Path) -> pd.Series:
+    """Relative ``N@stack`` names rewritten as RELION writes them: relative to the project
+    folder (the working directory), wherever the output STAR file goes; absolute names kept.
+
+    Each stack is found as the reader finds it (:func:`parse_image_name`: the input STAR's
+    folder, then the working directory and the folders above the STAR file).
+    """
+    cwd = os.getcwd()
     cache: dict[str, str] = {}
 
-    def rebase(name: str) -> str:
+    def rewrite(name: str) -> str:
         m = _IMAGE_NAME.match(name)
         if not m or Path(m.group(2)).is_absolute():
             return name
         stack = m.group(2)
         if stack not in cache:
-            cache[stack] = os.path.relpath(_resolve_stack(stack, str(src), os.getcwd()), dst)
+            found = _resolve_stack(stack, str(source_dir), cwd)
+            cache[stack] = project_relative(found, cwd) if found.exists() else stack
         return f"{m.group(1)}@{cache[stack]}"
 
-    return names.map(rebase)
+    return names.map(rewrite)
 
 
 def particle_blocks(
@@ -522,9 +546,8 @@ def particle_blocks(
     path = Path(path)
     particles = table.particles.copy()
     if "rlnImageName" in particles:
-        particles["rlnImageName"] = _rebase_image_names(
-            particles["rlnImageName"].astype(str), table.path.parent, path.parent
-        )
+        particles["rlnImageName"] = _project_image_names(
+            particles["rlnImageName"].astype(str), table.path.parent)
     optics, groups = _optics_for_output(table, box_size)
     particles["rlnOpticsGroup"] = groups
     for name, values in (updates or {}).items():
@@ -610,8 +633,9 @@ def write_particles(
 ) -> None:
     """Write a RELION 3.1+ particle STAR file atomically.
 
-    Every input column is kept (relative image paths are rewritten to resolve
-    from the output's folder); ``updates`` adds or replaces columns (e.g.
+    Every input column is kept (relative image names are written as RELION
+    writes them, relative to the project folder, i.e. the working directory,
+    wherever ``path`` is; absolute names stay absolute); ``updates`` adds or replaces columns (e.g.
     ``rlnAngleRot``…, ``rlnOriginXAngst``…). Pixel-unit origins
     (``rlnOriginX/Y``) are dropped when Å origins are written, so a file never
     carries two disagreeing shifts.
