@@ -72,7 +72,10 @@ def _interrupted() -> None:
 
 
 def _finish() -> None:
+    from swiftalign.cli._common import _new_logs
+
     remove_temporaries()
+    _new_logs.clear()  # the next command in this process must not remove this one's log
     for lock in _job.get("locks", []):
         lock.release()
     _job.clear()
