@@ -170,8 +170,9 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 
 def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
-    try:
+    if "manifest.json" in zf.namelist():
         _check_member_size(path, zf.getinfo("manifest.json"), MAX_MANIFEST_BYTES)
+    try:
         manifest = json.loads(zf.read("manifest.json"))
     except KeyError:
         raise InputError(f"{path}: not a swiftalign index file (no manifest.json)") from None
@@ -198,15 +199,16 @@ _NPY_HEADER_BYTES = 4096
 def _check_member_size(path: Path, info: zipfile.ZipInfo, limit: int) -> None:
     """Refuse a member that would inflate beyond ``limit`` bytes, from the zip directory alone.
 
-    Index files are written uncompressed (``ZIP_STORED``), so no member can be
-    larger than the file either; a compressed or oversized member (a zip bomb,
-    a foreign file) fails here, before any byte is inflated.
+    Index files are written uncompressed (``ZIP_STORED``), so a stored member
+    cannot be larger than the file either; an oversized member (a zip bomb, a
+    foreign file) fails here, before any byte is inflated.
     """
-    file_bytes = path.stat().st_size
-    if info.file_size > limit or info.file_size > file_bytes:
+    if info.compress_type == zipfile.ZIP_STORED:
+        limit = min(limit, path.stat().st_size)
+    if info.file_size > limit:
         raise InputError(f"{path}: corrupt index file (member {info.filename} claims "
-                         f"{info.file_size:,} bytes; at most {min(limit, file_bytes):,} expected "
-                         "from the manifest and the file size)")
+                         f"{info.file_size:,} bytes; at most {limit:,} expected from the "
+                         "manifest and the file size)")
 
 
 def _member_limits(manifest: dict) -> dict[str, int]:

@@ -88,6 +88,8 @@ def guarded(command):
     def run(*args, **kwargs):
         from swiftalign.cli._common import fail
 
+        # a log file on a full disk must not print logging's own tracebacks
+        logging.raiseExceptions = False
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:

@@ -78,6 +78,11 @@ def atomic_write(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # a failed write() or flush() names no file: name the one being written
+        raise OSError(exc.errno, exc.strerror, str(final)) from exc
     finally:
         _LIVE.discard(tmp)
         if tmp.exists():
