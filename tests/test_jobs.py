@@ -24,6 +24,8 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import swiftalign
@@ -431,3 +433,91 @@ def test_volume_stack_headers_name_the_file(tmp_path, in_project, mz, message):
     blocks["particles"]["rlnImageName"] = [f"{i}@{stack}" for i in range(1, 5)]
     starfile.write(blocks, tmp_path / "vol.star")
     _one_line_error(_align(tmp_path / "o.star", star=tmp_path / "vol.star"), str(stack), message)
+
+
+# 13. STAR headers fuzzed --------------------------------------------------------------------
+_OPTICS = {  # label: value of optics group 1, 2
+    "rlnOpticsGroup": (1, 2), "rlnOpticsGroupName": ("og1", "og2"),
+    "rlnImagePixelSize": (1.5, 2.0), "rlnVoltage": (300.0, 200.0),
+    "rlnSphericalAberration": (2.7, 2.0), "rlnAmplitudeContrast": (0.1, 0.07),
+    "rlnImageSize": (16, 16), "rlnImageDimensionality": (2, 2),
+}
+_PARTICLE_LABELS = ["rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnAngleRot",
+                    "rlnOriginXAngst"]
+_N = 4
+
+
+def _particle_value(label: str, i: int, n_groups: int):
+    return {"rlnImageName": f"{i + 1}@s.mrcs", "rlnOpticsGroup": 1 + i % n_groups,
+            "rlnDefocusU": 10000.0 + 500 * i, "rlnAngleRot": 10.0 * i,
+            "rlnOriginXAngst": 0.5 * i, "rlnMyLabel": f"v{i}"}[label]
+
+
+@st.composite
+def _labels(draw, known: list[str]):
+    kept = [lab for lab in known if draw(st.booleans()) or draw(st.booleans())]  # 3/4 kept
+    if draw(st.booleans()):
+        kept.append("rlnMyLabel")  # unknown to swiftalign (and RELION)
+    kept = draw(st.permutations(kept))
+    if kept and draw(st.integers(0, 5)) == 0:
+        kept = [*kept, draw(st.sampled_from(kept))]  # a duplicated label
+    return kept
+
+
+def _block(name: str, labels: list[str], rows: list[list]) -> str:
+    head = "".join(f"_{lab} #{k + 1}\n" for k, lab in enumerate(labels))
+    body = "".join(" ".join(str(v) for v in row) + "\n" for row in rows)
+    return f"\ndata_{name}\n\nloop_\n{head}{body}"
+
+
+def _expected_error(optics: list[str], particles: list[str], n_groups: int, optics_first: bool):
+    """(block, label) the reader must name, or None when the file is valid."""
+    in_file_order = (("optics", optics), ("particles", particles))
+    for block, labels in in_file_order if optics_first else in_file_order[::-1]:
+        dup = [lab for lab in labels if labels.count(lab) > 1]
+        if dup:
+            return block, dup[0]
+    if "rlnImageName" not in particles:
+        return "particles", "rlnImageName"
+    if "rlnOpticsGroup" not in optics:
+        return "optics", "rlnOpticsGroup"
+    if "rlnOpticsGroup" not in particles and n_groups > 1:
+        return "particles", "rlnOpticsGroup"
+    if "rlnImagePixelSize" not in optics:
+        return "optics", "rlnImagePixelSize"
+    return None
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(optics=_labels(list(_OPTICS)), particles=_labels(_PARTICLE_LABELS),
+       n_groups=st.integers(1, 2), optics_first=st.booleans())
+def test_star_header_fuzz(tmp_path, optics, particles, n_groups, optics_first):
+    from swiftalign.errors import StarFileError
+    from swiftalign.io.star import read_particles
+
+    optics_rows = [[("x" if lab == "rlnMyLabel" else _OPTICS[lab][g]) for lab in optics]
+                   for g in range(n_groups)]
+    particle_rows = [[_particle_value(lab, i, n_groups) for lab in particles] for i in range(_N)]
+    blocks = [_block("optics", optics, optics_rows), _block("particles", particles, particle_rows)]
+    path = tmp_path / "fuzz.star"
+    path.write_text("".join(blocks if optics_first else blocks[::-1]))
+    expected = _expected_error(optics, particles, n_groups, optics_first)
+    event(f"error {expected}")
+    if expected is not None:
+        with pytest.raises(StarFileError) as err:
+            read_particles(path)
+        message = str(err.value)
+        assert str(path) in message and f"data_{expected[0]}" in message, message
+        assert expected[1] in message, message
+        return
+    t = read_particles(path)
+    group = np.arange(_N) % n_groups if "rlnOpticsGroup" in particles else np.zeros(_N, int)
+    for attribute, label, default in (("pixel_size_angstrom", "rlnImagePixelSize", None),
+                                      ("voltage_kv", "rlnVoltage", 300.0),
+                                      ("cs_mm", "rlnSphericalAberration", 2.7),
+                                      ("amplitude_contrast", "rlnAmplitudeContrast", 0.1)):
+        want = (np.array(_OPTICS[label])[group] if label in optics else np.full(_N, default))
+        np.testing.assert_allclose(getattr(t, attribute), want, err_msg=attribute)
+    for label in particles:
+        column = t.particles[label].tolist()
+        assert column == [_particle_value(label, i, n_groups) for i in range(_N)], label
