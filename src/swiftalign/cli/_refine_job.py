@@ -63,6 +63,10 @@ def _restored_value(name: str, value):
     return value
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, list | tuple) and not value)
+
+
 def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
 
@@ -76,7 +80,7 @@ def resolve_refine_params(ctx: typer.Context) -> dict:
     p = dict(ctx.params)
     folder = p["continue_dir"]
     if folder is None:
-        missing = [flag for flag, name in (*_REQUIRED, ("-o", "output")) if not p[name]]
+        missing = [flag for flag, name in (*_REQUIRED, ("-o", "output")) if _missing(p[name])]
         if missing:
             fail(ValueError(f"give {', '.join(missing)} (or --continue OUTDIR)"))
         return p
@@ -89,7 +93,7 @@ def resolve_refine_params(ctx: typer.Context) -> dict:
     except InputError as exc:
         fail(exc)
     if job is None:  # a run older than job.json: the inputs must be given again
-        missing = [flag for flag, name in _REQUIRED if not p[name]]
+        missing = [flag for flag, name in _REQUIRED if _missing(p[name])]
         if missing:
             fail(InputError(f"--continue {folder}: no saved job there (no job.json, no "
                             f"state.json); give {', '.join(missing)} or start a new run"))
