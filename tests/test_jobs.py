@@ -405,7 +405,7 @@ def test_oversized_map_is_refused_from_its_header(in_project, tmp_path):
     r = _align(out, reference=big)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    _one_line_error(r, f"{big}: map of 400x400x400 voxels; the particles need 48x48x48",
+    _one_line_error(r, f"{big}: map box 400x400x400 differs from the particle box 48 px",
                     "data not read")
     assert peak < 100 * 1024**2
     assert not out.exists()

@@ -157,8 +157,9 @@ def _check_header(path: Path, *, box_px: int | None, pixel_size_angstrom: float 
     """Box and voxel size against the particles', from the header, before any data is read."""
     shape, vox = read_map_header(path)
     if box_px is not None and shape != (box_px,) * 3:
-        raise MrcFileError(f"{path}: map of {'x'.join(map(str, shape[::-1]))} voxels; the "
-                           f"particles need {box_px}x{box_px}x{box_px} (header checked, data "
+        dims = "x".join(map(str, shape[::-1]))
+        raise MrcFileError(f"{path}: map box {dims} differs from the particle box {box_px} px "
+                           f"(the map must be {box_px}x{box_px}x{box_px}; header checked, data "
                            "not read)")
     vox = voxel_size_angstrom if voxel_size_angstrom is not None else vox
     if pixel_size_angstrom and vox > 0 and abs(vox - pixel_size_angstrom) > (
