@@ -82,7 +82,7 @@ def _align(out, *extra, star="sim/particles.star", reference=MAP):
 # 5. locks -------------------------------------------------------------------------------------
 def test_second_run_is_refused_naming_the_holder(in_project):
     out = in_project / "locked"
-    with JobLock(out, "swiftalign refine other-run"):
+    with JobLock(out, "swiftalign refine other-run", folder=True):
         r = runner.invoke(app, ["refine", "sim/particles.star", *REFINE_FAST, "-o", str(out)])
         line = _one_line_error(r, "locked: in use by `swiftalign refine other-run`",
                                f"pid {os.getpid()}")

@@ -56,11 +56,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lock_path_for(output: str | Path) -> Path:
+def lock_path_for(output: str | Path, *, folder: bool | None = None) -> Path:
     """The lock file of an output: ``DIR/.swiftalign.lock`` for a folder, ``.NAME.lock`` beside a
-    file."""
+    file (``folder=None``: a folder when ``output`` is an existing folder)."""
     output = Path(output)
-    if output.is_dir() or output.suffix == "":
+    if folder is None:
+        folder = output.is_dir()
+    if folder:
         return output / FOLDER_LOCK
     return output.parent / f".{output.name}.lock"
 
@@ -74,6 +76,8 @@ class JobLock:
         The refinement folder, or the output file of align / index build.
     command : str
         What holds it (shown to a second run).
+    folder : bool, optional
+        Whether ``output`` is a folder (default: when it exists as one).
 
     Raises
     ------
@@ -83,9 +87,9 @@ class JobLock:
         The lock file cannot be created (read-only folder …).
     """
 
-    def __init__(self, output: str | Path, command: str) -> None:
+    def __init__(self, output: str | Path, command: str, *, folder: bool | None = None) -> None:
         self.output = Path(output)
-        self.path = lock_path_for(self.output)
+        self.path = lock_path_for(self.output, folder=folder)
         self.command = command
         self._fd: int | None = None
 

@@ -30,8 +30,8 @@ EXIT_INTERRUPTED = 130
 _job: dict = {}
 
 
-def hold_lock(output: str | Path, command: str) -> JobLock:
-    """Lock ``output`` (a folder or a file) until the command ends.
+def hold_lock(output: str | Path, command: str, *, folder: bool = False) -> JobLock:
+    """Lock ``output`` (a file, or a folder with ``folder=True``) until the command ends.
 
     Raises
     ------
@@ -40,7 +40,7 @@ def hold_lock(output: str | Path, command: str) -> JobLock:
     OSError
         The lock file cannot be created (read-only folder …).
     """
-    lock = JobLock(output, command).acquire()
+    lock = JobLock(output, command, folder=folder).acquire()
     _job.setdefault("locks", []).append(lock)
     return lock
 

@@ -140,12 +140,14 @@ def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
     JobLockedError
         Another run holds the folder.
     """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: is a file; give a folder")
     if resume and not (out / "state.json").exists():
         started = any((out / n).exists() for n in ("run.log", "it001", "job.json"))
         if not started:
             raise InputError(f"--continue {out}: no completed iteration to resume there (no "
                              "state.json)")
-    hold_lock(out, f"swiftalign {' '.join(sys.argv[1:])}"[:400])
+    hold_lock(out, f"swiftalign {' '.join(sys.argv[1:])}"[:400], folder=True)
     check_output_folder(out, resume=resume, overwrite=overwrite)
     if overwrite:
         removed = clear_refine_outputs(out)

@@ -7,7 +7,9 @@ corrected) FSC and low-passes the next references to its resolution.
 Writes OUTDIR/itNNN/ and OUTDIR/final/: particles.star, half1.mrc, half2.mrc,
 map.mrc, map_unfiltered.mrc, fsc.star (as relion_postprocess), fsc.png,
 angdist.png, run.json; OUTDIR/summary.png (resolution and kept fraction per
-iteration), OUTDIR/run.log. `swiftalign report OUTDIR` makes an HTML report.
+iteration), OUTDIR/run.log, OUTDIR/job.json (options and input fingerprint, for
+`--continue OUTDIR`). OUTDIR is locked while the run lasts; a non-empty OUTDIR
+needs --continue or --overwrite. `swiftalign report OUTDIR` makes an HTML report.
 """
 
 from __future__ import annotations
