@@ -420,13 +420,12 @@ def write_fsc_star(
     half_map_names, mask_name : str
         Names written in the ``general`` block.
     """
-    import os
     from pathlib import Path
 
     import pandas as pd
     import starfile
 
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     path = Path(path)
     n_shells = len(fsc.unmasked)
@@ -475,10 +474,5 @@ def write_fsc_star(
     if fsc.no_signal:
         general["swiftalignNoSignal"] = 1
         general["rlnFinalResolution"] = 999.0
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         starfile.write({"general": general, "fsc": table, "guinier": guinier}, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -104,7 +103,7 @@ def save_reference_index(path: str | Path, refset) -> dict:
     ValueError
         When ``refset`` has no populated index, or CTF mode ``reference``.
     """
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     if refset.index is None:
         raise ValueError("the reference set has no populated index (build it with populate=True)")
@@ -149,26 +148,20 @@ def save_reference_index(path: str | Path, refset) -> dict:
                       noise_power=np.asarray(noise.noise_power, np.float64),
                       noise_total_power=np.asarray(noise.total_power, np.float64),
                       noise_counts=np.asarray(noise.counts, np.int64))
-    tmp = atomic_path(path)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-            for name, arr in arrays.items():
-                zf.writestr(f"{name}.npy", _npy_bytes(arr))
-            if index.trained is not None:
-                zf.writestr("faiss.index", index.trained.serialize().tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                   allowZip64=True) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        for name, arr in arrays.items():
+            zf.writestr(f"{name}.npy", _npy_bytes(arr))
+        if index.trained is not None:
+            zf.writestr("faiss.index", index.trained.serialize().tobytes())
     return manifest
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.exists():
-        raise InputError(f"{path}: no such index file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an index file")
+    from swiftalign.io.checks import require_regular_file
+
+    require_regular_file(path, "index file")
     try:
         return zipfile.ZipFile(path, "r")
     except (zipfile.BadZipFile, OSError) as exc:
@@ -177,6 +170,8 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 
 def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
+    if "manifest.json" in zf.namelist():
+        _check_member_size(path, zf.getinfo("manifest.json"), MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(zf.read("manifest.json"))
     except KeyError:
@@ -193,6 +188,74 @@ def _manifest(path: Path, zf: zipfile.ZipFile) -> dict:
             f"{swiftalign.__version__} (reads 1 to {INDEX_FORMAT_VERSION}); rebuild the index"
         )
     return manifest
+
+
+#: Largest manifest.json accepted (it holds parameters only).
+MAX_MANIFEST_BYTES = 16 * 1024**2
+#: Room for the ``.npy`` header of each array member.
+_NPY_HEADER_BYTES = 4096
+
+
+def _check_member_size(path: Path, info: zipfile.ZipInfo, limit: int) -> None:
+    """Refuse a member that would inflate beyond ``limit`` bytes, from the zip directory alone.
+
+    Index files are written uncompressed (``ZIP_STORED``), so a stored member
+    cannot be larger than the file either; an oversized member (a zip bomb, a
+    foreign file) fails here, before any byte is inflated.
+    """
+    if info.compress_type == zipfile.ZIP_STORED:
+        limit = min(limit, path.stat().st_size)
+    if info.file_size > limit:
+        raise InputError(f"{path}: corrupt index file (member {info.filename} claims "
+                         f"{info.file_size:,} bytes; at most {limit:,} expected from the "
+                         "manifest and the file size)")
+
+
+def _member_limits(manifest: dict) -> dict[str, int]:
+    """Upper bounds (bytes) of the array members implied by the manifest.
+
+    Raises
+    ------
+    InputError
+        Manifest sizes that are missing or absurd.
+    """
+    try:
+        box = int(manifest["box_size"])
+        n_poses = int(manifest["n_poses"])
+        n_coeff = int(manifest["n_coeff"])
+        n_images = int(manifest["sampling"]["n_directions"]) * int(manifest["sampling"]["n_psi"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path_of(manifest)}: corrupt index manifest ({exc})") from None
+    if not (0 < box <= 4096 and 0 < n_coeff <= box * box and 0 < n_images <= n_poses):
+        raise InputError(f"{path_of(manifest)}: corrupt index manifest (box {box}, "
+                         f"{n_images} images, {n_coeff} coefficients, {n_poses} poses)")
+    h = _NPY_HEADER_BYTES
+    small = 8 * 3 * n_poses + h  # pose tables: at most 3 float64 per pose
+    return {"reference.npy": 4 * box**3 + h, "gallery_coeffs.npy": 8 * n_images * n_coeff + h,
+            "rot_tilt_deg.npy": small, "psi_deg.npy": small, "shifts_yx_px.npy": small,
+            "noise_groups.npy": 8 * 4096 + h, "noise_counts.npy": 8 * 4096 * (box + 1) + h,
+            "noise_power.npy": 8 * 4096 * (box + 1) + h,
+            "noise_total_power.npy": 8 * 4096 * (box + 1) + h,
+            # a FAISS index stores at most the vectors themselves plus ids and lists
+            "faiss.index": n_poses * (4 * 2 * n_coeff + 16) + 64 * 1024**2}
+
+
+def path_of(manifest: dict) -> str:
+    """The index file a manifest came from, for messages."""
+    return str(manifest.get("_path", "index file"))
+
+
+def check_members(path: Path, zf: zipfile.ZipFile, manifest: dict) -> None:
+    """Every member's size against the manifest's bounds, before anything is inflated.
+
+    Raises
+    ------
+    InputError
+        A member larger than the manifest allows (or than the file).
+    """
+    limits = _member_limits({**manifest, "_path": str(path)})
+    for info in zf.infolist():
+        _check_member_size(path, info, limits.get(info.filename, MAX_MANIFEST_BYTES))
 
 
 def manifest_config(manifest: dict) -> dict:
@@ -294,6 +357,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
     path = Path(path)
     with _open_zip(path) as zf:
         manifest = _manifest(path, zf)
+        check_members(path, zf, manifest)
         arrays = {}
         try:
             for name in _ARRAYS:

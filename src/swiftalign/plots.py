@@ -10,7 +10,6 @@ without ``pyplot`` (no global state, no display needed); write it with
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,16 +37,11 @@ FSC_THRESHOLDS = (0.143, 0.5)
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG atomically (temporary name, then rename)."""
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -65,7 +65,8 @@ from swiftalign.fsc import (
     require_signal,
     write_fsc_star,
 )
-from swiftalign.io.mrc import MapData, atomic_path, read_map, write_map
+from swiftalign.io.atomic import StagedOutputs, atomic_write
+from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import ParticleTable, write_particles
 from swiftalign.plots import (
@@ -162,27 +163,15 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name, then rename (a kill never leaves a truncated file)."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _save_noise(path: Path, noise) -> None:
     """Noise spectra to ``.npz`` under a temporary name, then renamed."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
-                     total_power=noise.total_power, counts=noise.counts)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
+                 total_power=noise.total_power, counts=noise.counts)
 
 
 def _load_noise(path: Path):
@@ -528,8 +517,11 @@ def run_refinement(
         poses_prev = cons.euler_deg
         classes_prev = cons.class_index
 
-        it_dir = out / f"it{it:03d}"
-        it_dir.mkdir(exist_ok=True)
+        # every output of the iteration is written into a hidden staging folder, published
+        # as itNNN/ in one rename once complete
+        stage = StagedOutputs(out, f"it{it:03d}")
+        it_dir = stage.path(out / f"it{it:03d}")
+        it_dir.mkdir()
         class_stats = []
         half_maps = {}
         t_step = time.perf_counter()
@@ -670,6 +662,8 @@ def run_refinement(
         from swiftalign.cli._common import write_json
 
         write_json(it_dir / "run.json", run)
+        stage.publish()
+        it_dir = out / f"it{it:03d}"
         write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
                                 "history": history})
         _publish_final(out, it_dir)

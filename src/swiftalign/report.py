@@ -14,7 +14,6 @@ import base64
 import html
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -394,7 +393,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ``run_dir`` is not a folder, holds no run, or a run.json is unreadable.
     """
     from swiftalign import __version__
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
@@ -417,13 +416,8 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         + "".join(sections) + "</body></html>\n"
     )
     out = Path(output) if output is not None else run_dir / "report.html"
-    tmp = atomic_path(out)
-    try:
+    with atomic_write(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     n_img = len(re.findall(r"<img ", doc))
     log.info("report with %d plots → %s", n_img, out)
     return out

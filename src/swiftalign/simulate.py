@@ -250,7 +250,8 @@ def write_dataset(
         cs_mm=np.full(n, config.cs_mm),
         amplitude_contrast=np.full(n, config.amplitude_contrast),
     )
-    write_particles(out / "particles.star", table, box_size=images.shape[-1])
+    write_particles(out / "particles.star", table, box_size=images.shape[-1],
+                    project_names=False)  # a self-contained folder: names from its own folder
     return out / "particles.star"
 
 

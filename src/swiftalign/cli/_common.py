@@ -186,15 +186,10 @@ def run_record(*, device: str | None = None, **fields) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically."""
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonable(obj):
@@ -256,6 +251,10 @@ def user_message(exc: Exception) -> str:
             else:
                 parts.append(f"{flag} {value}: {msg}")
         text = "; ".join(parts)
+    elif isinstance(exc, OSError) and not isinstance(exc, SwiftalignError):
+        from swiftalign.io.atomic import os_error_message
+
+        text = os_error_message(exc)
     else:
         text = str(exc)
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

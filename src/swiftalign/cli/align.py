@@ -36,6 +36,7 @@ from swiftalign.cli._common import (
     setup_logging,
     write_json,
 )
+from swiftalign.cli._guard import describe_job, hold_lock
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 #: align option → AlignConfig field fixed by an index file
@@ -137,15 +138,19 @@ def align_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    import numpy as np
     from pydantic import ValidationError
 
     from swiftalign.alignment import AlignConfig, align_particles
     from swiftalign.io.mrc import read_map
     from swiftalign.io.particles import open_usable_particles
-    from swiftalign.io.star import read_particles, write_particles
+    from swiftalign.io.star import read_particles
 
     output = Path(output)
+    try:
+        hold_lock(output, f"swiftalign align → {output}")
+    except USER_ERRORS as exc:
+        fail(exc)
+    describe_job(f"align → {output}")
     setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
     t_start = time.perf_counter()
     run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
@@ -233,53 +238,67 @@ def align_command(
                 ref = load_reference_index(index_file, device=resolve_device(config.device))
                 t_load = time.perf_counter() - t0
             else:
-                ref = read_map(reference, voxel_size_angstrom=reference_angpix)
+                ref = read_map(reference, voxel_size_angstrom=reference_angpix,
+                               box_px=images.box_size,
+                               pixel_size_angstrom=float(table.pixel_size_angstrom[0]))
             with progress_bars(quiet) as progress:
                 result = align_particles(table, images, ref, config, progress=progress)
             if index_file is not None:
                 result.timings["index_load"] = t_load
             images.close()
-        write_particles(output, table, box_size=result.box_size, updates=result.star_columns())
-        if k > 1:
-            kk = result.euler_deg.shape[1]
-            expanded = table.subset(np.repeat(np.arange(len(table)), kk))
-            write_particles(output.with_name(f"{output.stem}_top{kk}.star"), expanded,
-                            box_size=result.box_size, updates=result.topk_columns())
     except (ImportError, *USER_ERRORS) as exc:
         fail(exc)
-    angdist = output.with_name(output.stem + "_angdist.png")
     try:
-        from swiftalign.plots import angular_distribution_figure, save_figure
-
-        save_figure(angular_distribution_figure(
-            result.euler_deg[:, 0, 0], result.euler_deg[:, 0, 1],
-            title=f"{output.name}: assigned orientations"), angdist)
-    except OSError as exc:
+        _write_outputs(output, table, result, k=k, config=config, device=device, t_start=t_start,
+                       inputs={"particles": str(particles), "reference": str(reference),
+                               "index_file": str(index_file) if index_file else None,
+                               "scheduler": scheduler, "workers": workers})
+    except USER_ERRORS as exc:
         fail(exc)
-    wall = time.perf_counter() - t_start
     s = result.sampling
-    record = run_record(
-        command="align",
-        device=device,
-        parameters=config.model_dump(),
-        inputs={"particles": str(particles), "reference": str(reference),
-                "index_file": str(index_file) if index_file else None,
-                "scheduler": scheduler, "workers": workers},
-        outputs={"particles": str(output.resolve()), "angular_distribution": str(angdist),
-                 "log": str(output.with_name(output.stem + ".log"))},
-        sampling=vars(s),
-        index={"factory": result.search.factory, "nprobe": result.search.nprobe,
-               "recall": result.search.recall, "bytes_per_pose": result.search.bytes_per_pose},
-        timings_s={**result.timings, "wall": wall},
-        n_particles=len(table),
-    )
-    write_json(output.with_name(output.stem + "_run.json"), record)
+    wall = time.perf_counter() - t_start
     if not quiet:
         console.print(
             f"aligned {len(table)} particles against {s.n_poses:,} poses "
             f"(ΔΦ {s.angular_step_deg:.2f}°, Δs {s.shift_step_px:.2f} px) in {wall:.1f} s "
             f"→ {output}"
         )
+
+
+def _write_outputs(output: Path, table, result, *, k: int, config, device: str, t_start: float,
+                   inputs: dict) -> None:
+    """The STAR file(s), the angular-distribution plot and run.json, published together."""
+    import numpy as np
+
+    from swiftalign.io.atomic import publish_together
+    from swiftalign.io.star import write_particles
+    from swiftalign.plots import angular_distribution_figure, save_figure
+
+    angdist = output.with_name(output.stem + "_angdist.png")
+    with publish_together(output.parent, output.name) as stage:
+        write_particles(stage.path(output), table, box_size=result.box_size,
+                        updates=result.star_columns())
+        if k > 1:
+            kk = result.euler_deg.shape[1]
+            expanded = table.subset(np.repeat(np.arange(len(table)), kk))
+            write_particles(stage.path(output.with_name(f"{output.stem}_top{kk}.star")), expanded,
+                            box_size=result.box_size, updates=result.topk_columns())
+        save_figure(angular_distribution_figure(
+            result.euler_deg[:, 0, 0], result.euler_deg[:, 0, 1],
+            title=f"{output.name}: assigned orientations"), stage.path(angdist))
+        s = result.sampling
+        record = run_record(
+            command="align", device=device, parameters=config.model_dump(), inputs=inputs,
+            outputs={"particles": str(output.resolve()), "angular_distribution": str(angdist),
+                     "log": str(output.with_name(output.stem + ".log"))},
+            sampling=vars(s),
+            index={"factory": result.search.factory, "nprobe": result.search.nprobe,
+                   "recall": result.search.recall,
+                   "bytes_per_pose": result.search.bytes_per_pose},
+            timings_s={**result.timings, "wall": time.perf_counter() - t_start},
+            n_particles=len(table),
+        )
+        write_json(stage.path(output.with_name(output.stem + "_run.json")), record)
 
 
 def _watch(folder: Path, index_file: Path, config, output: Path, *, angpix, max_bad_fraction,

@@ -35,12 +35,14 @@ from swiftalign.cli._common import (
     progress_bars,
     setup_logging,
 )
+from swiftalign.cli._guard import describe_job, guarded, hold_lock
 
 index_app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False,
                         pretty_exceptions_enable=False)
 
 
 @index_app.command("build", help="Build the index of a reference map and write it to one file.")
+@guarded
 def build_command(
     reference: Annotated[Path, typer.Option("--reference", "-r", help="Reference map (.mrc).")],
     resolution: Annotated[float, typer.Option(help="Resolution limit Tmax (Å): sets the "
@@ -93,6 +95,11 @@ def build_command(
     from swiftalign.io.mrc import read_map
 
     output = Path(output)
+    try:
+        hold_lock(output, "swiftalign index build")
+    except USER_ERRORS as exc:
+        fail(exc)
+    describe_job(f"index build → {output}")
     setup_logging(verbose, quiet, output.with_name(output.name + ".log"))
     t_start = time.perf_counter()
     if weighting is None:
@@ -170,6 +177,7 @@ def _noise_from_particles(path: Path, config, *, angpix: float | None):
 
 
 @index_app.command("info", help="Print the parameters stored in an index file (JSON).")
+@guarded
 def info_command(
     index_file: Annotated[Path, typer.Argument(help="Index file (.swidx).")],
 ) -> None:

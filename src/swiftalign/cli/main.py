@@ -17,6 +17,7 @@ from swiftalign.cli import (
     selection,
     simulate,
 )
+from swiftalign.cli._guard import guarded
 
 app = typer.Typer(
     name="swiftalign",
@@ -29,17 +30,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("simulate", help=simulate.__doc__)(simulate.simulate_command)
-app.command("align", help=align.__doc__)(align.align_command)
-app.command("evaluate", help=evaluate.__doc__)(evaluate.evaluate_command)
-app.command("refine", help=refine.__doc__)(refine.refine_command)
-app.command("report", help=report.__doc__)(report.report_command)
-app.command("export", help=export.__doc__)(export.export_command)
-app.command("select", help=selection.__doc__)(selection.select_command)
-app.command("mask", help=mask.__doc__)(mask.mask_command)
-app.command("postprocess", help=postprocess.__doc__)(postprocess.postprocess_command)
+app.command("simulate", help=simulate.__doc__)(guarded(simulate.simulate_command))
+app.command("align", help=align.__doc__)(guarded(align.align_command))
+app.command("evaluate", help=evaluate.__doc__)(guarded(evaluate.evaluate_command))
+app.command("refine", help=refine.__doc__)(guarded(refine.refine_command))
+app.command("report", help=report.__doc__)(guarded(report.report_command))
+app.command("export", help=export.__doc__)(guarded(export.export_command))
+app.command("select", help=selection.__doc__)(guarded(selection.select_command))
+app.command("mask", help=mask.__doc__)(guarded(mask.mask_command))
+app.command("postprocess", help=postprocess.__doc__)(guarded(postprocess.postprocess_command))
 app.command("local-resolution", help=local_resolution.__doc__)(
-    local_resolution.local_resolution_command)
+    guarded(local_resolution.local_resolution_command))
 app.add_typer(index.index_app, name="index", help=index.__doc__)
 
 

@@ -7,7 +7,9 @@ corrected) FSC and low-passes the next references to its resolution.
 Writes OUTDIR/itNNN/ and OUTDIR/final/: particles.star, half1.mrc, half2.mrc,
 map.mrc, map_unfiltered.mrc, fsc.star (as relion_postprocess), fsc.png,
 angdist.png, run.json; OUTDIR/summary.png (resolution and kept fraction per
-iteration), OUTDIR/run.log. `swiftalign report OUTDIR` makes an HTML report.
+iteration), OUTDIR/run.log, OUTDIR/job.json (options and input fingerprint, for
+`--continue OUTDIR`). OUTDIR is locked while the run lasts; a non-empty OUTDIR
+needs --continue or --overwrite. `swiftalign report OUTDIR` makes an HTML report.
 """
 
 from __future__ import annotations
@@ -34,23 +36,31 @@ from swiftalign.cli._common import (
     run_record,
     setup_logging,
 )
+from swiftalign.cli._guard import describe_job
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
 
 def refine_command(
-    particles: Annotated[Path, typer.Argument(
+    ctx: typer.Context,
+    particles: Annotated[Path | None, typer.Argument(
         help="Particle STAR file (RELION 3.0 or 3.1+) or cryoSPARC .cs file; its half sets "
-        "(rlnRandomSubset 1/2 or .cs split), when present, are kept.")],
-    reference: Annotated[list[Path], typer.Option(
-        "--reference", "-r", help="Initial reference map(s) (.mrc); one per class.")],
-    initial_resolution: Annotated[float, typer.Option(
+        "(rlnRandomSubset 1/2 or .cs split), when present, are kept. Not needed with "
+        "--continue.")] = None,
+    reference: Annotated[list[Path] | None, typer.Option(
+        "--reference", "-r", help="Initial reference map(s) (.mrc); one per class.")] = None,
+    initial_resolution: Annotated[float | None, typer.Option(
         help="Resolution (Å) of the initial reference: it is low-passed there and the first "
-        "iteration samples at it.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder.")] = None,
+        "iteration samples at it.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder (new or "
+                                                "empty; see --overwrite).")] = None,
     continue_dir: Annotated[Path | None, typer.Option(
         "--continue", help="Resume the run in this folder after its last completed "
-        "iteration (from the start if it was stopped during the first); give the same "
-        "inputs and options.")] = None,
+        "iteration (from the start if it was stopped during the first). Inputs and options "
+        "come from the folder (job.json); only --iterations, --device and --max-memory may "
+        "be given. Other or changed particles or stacks are refused.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start a new run in a folder holding a previous one, deleting its "
+        "results (itNNN/, final/, state …).")] = False,
     symmetry: Annotated[str, typer.Option(
         help="Point group as RELION names it: C1, Cn, Ci, Cs, Cnv, Cnh, Sn, Dn, Dnv, Dnh, T, Td, "
         "Th, O, Oh, I (=I2), I1, I3, I4, Ih … (RELION's operators and axes).")] = "C1",
@@ -110,53 +120,65 @@ def refine_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    from swiftalign.cli._refine_job import resolve_refine_params
+
+    params = resolve_refine_params(ctx)
+    result, out = _run(params)
+    if not params["quiet"]:
+        _print_summary(result, out)
+
+
+def _run(p: dict) -> tuple[dict, Path]:
+    """Lock the folder, read and check the inputs, save the job, run the refinement."""
     from pydantic import ValidationError
 
+    from swiftalign.cli._refine_job import discard_failed_run, prepare_folder, save_or_check_job
     from swiftalign.io.mrc import read_map
     from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles
     from swiftalign.refinement import RefineConfig, run_refinement
     from swiftalign.symmetry import parse_symmetry
 
-    out = continue_dir or output
-    if out is None:
-        fail(ValueError("give -o OUTDIR (or --continue OUTDIR)"))
-    restart = False
-    if continue_dir is not None and not (Path(continue_dir) / "state.json").exists():
-        started = (Path(continue_dir) / "run.log").exists() or (Path(continue_dir) / "it001").exists()
-        if not started:
-            fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
-                            "(no state.json)"))
-        restart = True  # killed during iteration 1: start again, same seeds, same results
+    continue_dir = p["continue_dir"]
+    out = Path(continue_dir or p["output"])
     try:
-        parse_symmetry(symmetry)
+        restart = prepare_folder(out, resume=continue_dir is not None, overwrite=p["overwrite"])
+    except USER_ERRORS as exc:
+        fail(exc)
+    try:
+        parse_symmetry(p["symmetry"])
         config = RefineConfig(
-            initial_resolution_angstrom=initial_resolution, max_resolution_angstrom=max_resolution,
-            global_resolution_angstrom=global_resolution, symmetry=symmetry,
-            force_symmetry=force_symmetry,
-            repetitions=repetitions, iterations=iterations, fsc_threshold=fsc_threshold,
-            low_resolution_join_angstrom=low_resolution_join, local_passes=local_passes,
-            local_angle_deg=local_angle, local_shift_px=local_shift, max_shift_px=max_shift,
-            max_shift_later_px=max_shift_later, ctf_mode=ctf_mode, weighting=weighting,
-            particle_diameter_angstrom=particle_diameter, index=index,
-            device=device,
-            max_memory_gb=max_memory, seed=seed, reconstruction=reconstruction,
-            mask_path=str(mask) if mask else None,
-            solvent_mask_path=str(solvent_mask) if solvent_mask else None,
+            initial_resolution_angstrom=p["initial_resolution"],
+            max_resolution_angstrom=p["max_resolution"],
+            global_resolution_angstrom=p["global_resolution"], symmetry=p["symmetry"],
+            force_symmetry=p["force_symmetry"],
+            repetitions=p["repetitions"], iterations=p["iterations"],
+            fsc_threshold=p["fsc_threshold"],
+            low_resolution_join_angstrom=p["low_resolution_join"],
+            local_passes=p["local_passes"], local_angle_deg=p["local_angle"],
+            local_shift_px=p["local_shift"], max_shift_px=p["max_shift"],
+            max_shift_later_px=p["max_shift_later"], ctf_mode=p["ctf_mode"],
+            weighting=p["weighting"], particle_diameter_angstrom=p["particle_diameter"],
+            index=p["index"], device=p["device"], max_memory_gb=p["max_memory"],
+            seed=p["seed"], reconstruction=p["reconstruction"],
+            mask_path=str(p["mask"]) if p["mask"] else None,
+            solvent_mask_path=str(p["solvent_mask"]) if p["solvent_mask"] else None,
         )
     except (ValidationError, ValueError) as exc:
         fail(exc)
     try:
-        table = read_particles(particles, angpix=angpix)
-        refs = [read_map(r, voxel_size_angstrom=reference_angpix) for r in reference]
-        for r in refs:
-            if len(set(r.data.shape)) != 1:
-                raise ValueError(f"{r.path}: map is not cubic {r.data.shape}; refinement needs "
-                                 "a cubic map")
-        table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
+        table = read_particles(p["particles"], angpix=p["angpix"])
+        table, images = open_usable_particles(table, max_bad_fraction=p["max_bad_fraction"])
+        refs = [read_map(r, voxel_size_angstrom=p["reference_angpix"], box_px=images.box_size,
+                         pixel_size_angstrom=float(table.pixel_size_angstrom[0]))
+                for r in p["reference"]]
+        save_or_check_job(out, p, images.stack_paths, resume=continue_dir is not None)
     except USER_ERRORS as exc:
+        if continue_dir is None:
+            discard_failed_run(out)
         fail(exc)
-    setup_logging(verbose, quiet, Path(out) / "run.log")
+    setup_logging(p["verbose"], p["quiet"], out / "run.log")
+    describe_job(f"refine into {out}", f"swiftalign refine --continue {out}", keep_log=True)
     if restart:
         import logging
 
@@ -164,27 +186,31 @@ def refine_command(
             "--continue %s: no iteration was completed there; starting from iteration 1",
             continue_dir)
     try:
-        record = run_record(command="refine", device=device,
-                            inputs={"particles": str(particles),
-                                    "references": [str(r) for r in reference]})
-        with progress_bars(quiet) as progress:
+        record = run_record(command="refine", device=p["device"],
+                            inputs={"particles": str(p["particles"]),
+                                    "references": [str(r) for r in p["reference"]]})
+        with progress_bars(p["quiet"]) as progress:
             result = run_refinement(table, images, refs, out, config,
                                     resume=continue_dir is not None and not restart,
-                                    progress=progress,
-                                    record=record)
+                                    progress=progress, record=record)
         images.close()
     except USER_ERRORS as exc:
+        if continue_dir is None:
+            discard_failed_run(out)
         fail(exc)
-    if not quiet:
-        from rich.table import Table
+    return result, out
 
-        t = Table(title="refinement")
-        for col in ("iteration", "align at (Å)", "resolution (Å)", "kept", "rejected", "time (s)"):
-            t.add_column(col, justify="right")
-        for h in result["history"]:
-            t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
-                      f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
-                      str(h["kept"]), str(h["rejected"]),
-                      f"{h['seconds']:.0f}")
-        console.print(t)
-        console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")
+
+def _print_summary(result: dict, out: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title="refinement")
+    for col in ("iteration", "align at (Å)", "resolution (Å)", "kept", "rejected", "time (s)"):
+        t.add_column(col, justify="right")
+    for h in result["history"]:
+        t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
+                  f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
+                  str(h["kept"]), str(h["rejected"]),
+                  f"{h['seconds']:.0f}")
+    console.print(t)
+    console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")

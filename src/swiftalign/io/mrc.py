@@ -7,8 +7,6 @@ Writes are atomic: a temporary name in the same folder, then a rename.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +15,11 @@ import mrcfile
 import numpy as np
 
 from swiftalign.errors import MrcFileError
+from swiftalign.io.atomic import atomic_path, atomic_write
+from swiftalign.io.checks import require_regular_file
 
-__all__ = ["MapData", "read_map", "write_map", "open_stack", "write_stack", "atomic_path"]
+__all__ = ["MapData", "read_map", "read_map_header", "write_map", "open_stack", "write_stack",
+           "atomic_path"]
 
 _HEADER_BYTES = 1024
 
@@ -49,8 +50,7 @@ def _open(path: Path, *, mmap: bool):
     (absurd dimensions, unknown modes, a file shorter than its header says) is
     refused here from the raw 1024-byte header, with a clear error.
     """
-    if not path.exists():
-        raise MrcFileError(f"{path}: no such file")
+    require_regular_file(path, "MRC file", error=MrcFileError)
     size = path.stat().st_size
     if size < _HEADER_BYTES:
         raise MrcFileError(f"{path}: not an MRC file ({size} bytes, shorter than a header)")
@@ -66,6 +66,7 @@ def _open(path: Path, *, mmap: bool):
         raise MrcFileError(f"{path}: unsupported MRC mode {mode} (field 'mode'; use 0, 1, 2, 6 "
                            "or 12)")
     nsymbt = int(np.frombuffer(head[92:96], dtype=f"{order}i4")[0])
+    _check_volume_stack(path, head, order, nz)
     if nsymbt < 0 or nsymbt > size:
         raise MrcFileError(f"{path}: extended header size nsymbt={nsymbt} is invalid")
     expected = _HEADER_BYTES + nsymbt + nx * ny * nz * item
@@ -88,6 +89,22 @@ def _open(path: Path, *, mmap: bool):
         mrc.close()
         raise MrcFileError(f"{path}: header could not be parsed as MRC")
     return mrc
+
+
+def _check_volume_stack(path: Path, head: bytes, order: str, nz: int) -> None:
+    """Refuse volume stacks (``ispg`` 401: ``nz / mz`` volumes) and ``mz`` that contradicts them.
+
+    MRC2014: ``ispg`` 401 marks a stack of ``nz / mz`` volumes of ``mz`` sections each.
+    """
+    ispg = int(np.frombuffer(head[88:92], dtype=f"{order}i4")[0])
+    mz = int(np.frombuffer(head[36:40], dtype=f"{order}i4")[0])
+    if not 401 <= ispg <= 630 or mz == nz:
+        return
+    if mz <= 0 or nz % mz:
+        raise MrcFileError(f"{path}: volume-stack header (ispg {ispg}) with mz {mz} that does "
+                           f"not divide nz {nz}; fix the header (mz = nz for one map)")
+    raise MrcFileError(f"{path}: a stack of {nz // mz} volumes (ispg {ispg}, mz {mz}, nz {nz}); "
+                       "one map or an image stack is expected")
 
 
 #: IMOD's stamp in the header ``imodStamp`` field; bit 0 of ``imodFlags`` marks signed bytes.
@@ -123,7 +140,37 @@ def _as_float32(path: Path, mrc) -> np.ndarray:
     return data
 
 
-def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> MapData:
+def read_map_header(path: str | Path) -> tuple[tuple[int, ...], float]:
+    """Shape `(d, h, w)` and voxel size (Å, x) of a map, from its header alone (no data read).
+
+    Raises
+    ------
+    MrcFileError
+        As :func:`read_map`.
+    """
+    with _open(Path(path), mmap=True) as mrc:
+        return tuple(int(v) for v in mrc.data.shape), float(mrc.voxel_size.x)
+
+
+def _check_header(path: Path, *, box_px: int | None, pixel_size_angstrom: float | None,
+                  voxel_size_angstrom: float | None, tolerance: float = 0.05) -> None:
+    """Box and voxel size against the particles', from the header, before any data is read."""
+    shape, vox = read_map_header(path)
+    if box_px is not None and shape != (box_px,) * 3:
+        dims = "x".join(map(str, shape[::-1]))
+        raise MrcFileError(f"{path}: map box {dims} differs from the particle box {box_px} px "
+                           f"(the map must be {box_px}x{box_px}x{box_px}; header checked, data "
+                           "not read)")
+    vox = voxel_size_angstrom if voxel_size_angstrom is not None else vox
+    if pixel_size_angstrom and vox > 0 and abs(vox - pixel_size_angstrom) > (
+            tolerance * pixel_size_angstrom):
+        raise MrcFileError(f"{path}: voxel size {vox} Å differs from the particle pixel size "
+                           f"{pixel_size_angstrom} Å by more than {tolerance:.0%}; resample the "
+                           "map (e.g. relion_image_handler --rescale_angpix)")
+
+
+def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None,
+             box_px: int | None = None, pixel_size_angstrom: float | None = None) -> MapData:
     """Read a 3D map.
 
     Parameters
@@ -132,6 +179,12 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
         ``.mrc``/``.map`` file.
     voxel_size_angstrom : float, optional
         Override for the header voxel size (use when the header says 0).
+    box_px : int, optional
+        Box (px) the map must have, checked from the header before the data is
+        read (a huge map given by mistake fails at once).
+    pixel_size_angstrom : float, optional
+        Pixel size (Å) the voxel size must be within 5 % of (0 in the header
+        passes), checked from the header.
 
     Returns
     -------
@@ -145,6 +198,9 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
         than (1, 2, 3) (non-standard MAPC/MAPR/MAPS are refused).
     """
     path = Path(path)
+    if box_px is not None or pixel_size_angstrom is not None:
+        _check_header(path, box_px=box_px, pixel_size_angstrom=pixel_size_angstrom,
+                      voxel_size_angstrom=voxel_size_angstrom)
     with _open(path, mmap=False) as mrc:
         h = mrc.header
         axes = (int(h.mapc), int(h.mapr), int(h.maps))
@@ -168,33 +224,15 @@ def read_map(path: str | Path, *, voxel_size_angstrom: float | None = None) -> M
     return MapData(data=data, voxel_size_angstrom=vox, path=path)
 
 
-def atomic_path(final: Path) -> Path:
-    """A temporary file name next to ``final`` (same filesystem, for ``os.replace``)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; final files follow the umask
-    return Path(tmp)
-
-
 def _write(path: Path, data: np.ndarray, voxel_size_angstrom: float, *, stack: bool) -> None:
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
-            if stack:
-                mrc.set_image_stack()
-            mrc.voxel_size = (voxel_size_angstrom, voxel_size_angstrom,
-                              voxel_size_angstrom if not stack else 1.0)
-            mrc.update_header_stats()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+        if stack:
+            mrc.set_image_stack()
+        mrc.voxel_size = (voxel_size_angstrom, voxel_size_angstrom,
+                          voxel_size_angstrom if not stack else 1.0)
+        mrc.update_header_stats()
 
 
 def write_map(path: str | Path, data: np.ndarray, voxel_size_angstrom: float) -> None:

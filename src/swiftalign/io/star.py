@@ -33,7 +33,8 @@ import pandas as pd
 import starfile
 
 from swiftalign.errors import StarFileError
-from swiftalign.io.mrc import atomic_path
+from swiftalign.io.atomic import atomic_write
+from swiftalign.io.checks import require_regular_file
 
 __all__ = [
     "ParticleTable",
@@ -193,7 +194,11 @@ def _scan_loops(path: Path, text: str) -> dict[str, _LoopRows]:
             continue
         if s.startswith("_"):
             if state in ("labels",) and current is not None:
-                current.labels.append(s.split()[0].lstrip("_"))
+                label = s.split()[0].lstrip("_")
+                if label in current.labels:
+                    raise StarFileError(f"{path} line {lineno}: block 'data_{block}' has the "
+                                        f"label '_{label}' twice")
+                current.labels.append(label)
             else:
                 state = ""
             continue
@@ -230,8 +235,7 @@ def _check_numeric(path: Path, name: str, block: pd.DataFrame, rows: _LoopRows |
 
 
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
-    if not path.exists():
-        raise StarFileError(f"{path}: no such file")
+    require_regular_file(path, "STAR file", error=StarFileError)
     raw = path.read_bytes()
     if b"\r" in raw:  # Windows / old-Mac line endings: parse as the LF original
         text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
@@ -253,6 +257,7 @@ def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
         break
     if first_data is None:
         raise StarFileError(f"{path}: not a STAR file (no 'data_' block)")
+    loops = _scan_loops(path, text)  # labels and row lengths, before the parser sees them
     try:
         if isinstance(source, str):
             with tempfile.TemporaryDirectory() as tmpdir:
@@ -262,10 +267,8 @@ def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
         else:
             blocks = starfile.read(source, always_dict=True)
     except Exception as exc:
-        _scan_loops(path, text)  # a row with a wrong number of values: say which line
         msg = " ".join(str(exc).split())
         raise StarFileError(f"{path}: cannot parse STAR file ({msg})") from exc
-    loops = _scan_loops(path, text)
     for name, block in blocks.items():
         if isinstance(block, pd.DataFrame):
             _check_numeric(path, name, block, loops.get(name))
@@ -279,9 +282,9 @@ def _find_particle_block(path: Path, blocks: dict) -> str:
         if isinstance(b, pd.DataFrame) and "rlnImageName" in b.columns
     ]
     if not candidates:
-        if "particles" in blocks:
-            return "particles"
-        raise StarFileError(f"{path}: no particle block (no block with an 'rlnImageName' column)")
+        names = ", ".join(f"data_{n}" for n in blocks) or "none"
+        where = "block 'data_particles' has" if "particles" in blocks else "no block has"
+        raise StarFileError(f"{path}: {where} no label 'rlnImageName' (blocks: {names})")
     if "particles" in candidates:
         return "particles"
     return candidates[0]
@@ -312,7 +315,7 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     """
     from swiftalign.io.cryosparc import is_cryosparc_file, read_cryosparc
 
-    path = Path(path)
+    path = require_regular_file(path, "particle file (STAR or .cs)", error=StarFileError)
     if is_cryosparc_file(path):
         return read_cryosparc(path, angpix=angpix)
     if angpix is not None and not angpix > 0:
@@ -330,6 +333,8 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     n = len(particles)
 
     resolved: dict[str, np.ndarray] = {}
+    if optics is not None and len(optics) and "rlnOpticsGroup" not in optics:
+        raise StarFileError(f"{path}: block 'data_optics' has no label 'rlnOpticsGroup'")
     if optics is not None and "rlnOpticsGroup" in optics and len(optics):
         optics = optics.reset_index(drop=True)
         groups = optics["rlnOpticsGroup"].astype(int).to_numpy()
@@ -339,13 +344,15 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
             pg = np.full(n, groups[0])
         else:
             raise StarFileError(
-                f"{path}: {len(optics)} optics groups but particles have no 'rlnOpticsGroup'"
+                f"{path}: {len(optics)} optics groups but block 'data_{pname}' has no label "
+                "'rlnOpticsGroup'"
             )
         lookup = {g: i for i, g in enumerate(groups)}
         missing = sorted(set(pg.tolist()) - set(lookup))
         if missing:
             raise StarFileError(
-                f"{path}: rlnOpticsGroup value {missing[0]} has no row in data_optics"
+                f"{path}: block 'data_{pname}' label 'rlnOpticsGroup' value {missing[0]} has no "
+                "row in block 'data_optics'"
             )
         rows = np.array([lookup[g] for g in pg])
         for col, key in list(_OPTICS_FIELDS.items()) + [("rlnImagePixelSize", "pixel_size")]:
@@ -384,9 +391,11 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
             )
     if "pixel_size" not in resolved or not np.all(resolved["pixel_size"] > 0):
         if angpix is None:
+            blocks_named = " or ".join(f"'data_{b}'" for b in (["optics"] if optics is not None
+                                                                else []) + [pname])
             raise StarFileError(
-                f"{path}: no pixel size (no rlnImagePixelSize, nor rlnDetectorPixelSize with "
-                "rlnMagnification); pass --angpix"
+                f"{path}: no pixel size (block {blocks_named} has no label 'rlnImagePixelSize', "
+                "nor 'rlnDetectorPixelSize' with 'rlnMagnification'); pass --angpix"
             )
         resolved["pixel_size"] = np.full(n, float(angpix))
     defaults = {"voltage_kv": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
@@ -483,24 +492,52 @@ def _optics_for_output(table: ParticleTable, box_size: int) -> tuple[pd.DataFram
     return optics, groups
 
 
-def _rebase_image_names(names: pd.Series, source_dir: Path, target_dir: Path) -> pd.Series:
-    """Rewrite relative ``N@stack`` paths so they resolve from ``target_dir`` as they did from
-    ``source_dir`` (images are found relative to the STAR file's folder)."""
-    src, dst = Path(source_dir).resolve(), Path(target_dir).resolve()
-    if src == dst:
-        return names
+def project_relative(found: Path, cwd: str) -> str:
+    """``found`` as RELION names it: relative to the project folder ``cwd``, or absolute.
+
+    The relative name is lexical (a symlinked folder keeps its name, as RELION
+    writes it) when it opens the same file from ``cwd``; otherwise (``..``
+    through a symlink) it is taken between the real paths, as the kernel
+    resolves ``..``; absolute when no relative name reaches the file.
+    """
+    target = found if found.is_absolute() else Path(cwd) / found
+    if not target.exists():
+        return str(found)  # the stack is missing: the name is left as it was
+
+    def opens_target(name: str) -> bool:
+        try:
+            return os.path.samefile(Path(cwd) / name, target)
+        except OSError:
+            return False
+
+    for name in (os.path.relpath(target, cwd),
+                 os.path.relpath(os.path.realpath(target), os.path.realpath(cwd))):
+        if opens_target(name):
+            return name
+    return os.path.realpath(target)
+
+
+def _project_image_names(names: pd.Series, source_dir: Path) -> pd.Series:
+    """Relative ``N@stack`` names rewritten as RELION writes them: relative to the project
+    folder (the working directory), wherever the output STAR file goes; absolute names kept.
+
+    Each stack is found as the reader finds it (:func:`parse_image_name`: the input STAR's
+    folder, then the working directory and the folders above the STAR file).
+    """
+    cwd = os.getcwd()
     cache: dict[str, str] = {}
 
-    def rebase(name: str) -> str:
+    def rewrite(name: str) -> str:
         m = _IMAGE_NAME.match(name)
         if not m or Path(m.group(2)).is_absolute():
             return name
         stack = m.group(2)
         if stack not in cache:
-            cache[stack] = os.path.relpath(_resolve_stack(stack, str(src), os.getcwd()), dst)
+            found = _resolve_stack(stack, str(source_dir), cwd)
+            cache[stack] = project_relative(found, cwd) if found.exists() else stack
         return f"{m.group(1)}@{cache[stack]}"
 
-    return names.map(rebase)
+    return names.map(rewrite)
 
 
 def particle_blocks(
@@ -510,6 +547,7 @@ def particle_blocks(
     box_size: int,
     updates: dict[str, np.ndarray] | None = None,
     keep: np.ndarray | None = None,
+    project_names: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """The STAR blocks :func:`write_particles` writes to ``path`` (``optics``, ``particles``,
     any other input blocks), without writing them.
@@ -521,10 +559,9 @@ def particle_blocks(
     """
     path = Path(path)
     particles = table.particles.copy()
-    if "rlnImageName" in particles:
-        particles["rlnImageName"] = _rebase_image_names(
-            particles["rlnImageName"].astype(str), table.path.parent, path.parent
-        )
+    if "rlnImageName" in particles and project_names:
+        particles["rlnImageName"] = _project_image_names(
+            particles["rlnImageName"].astype(str), table.path.parent)
     optics, groups = _optics_for_output(table, box_size)
     particles["rlnOpticsGroup"] = groups
     for name, values in (updates or {}).items():
@@ -546,13 +583,8 @@ def particle_blocks(
 def write_star_blocks(path: str | Path, blocks: dict[str, pd.DataFrame]) -> None:
     """Write STAR blocks atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         starfile.write(blocks, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def merge_particle_blocks(
@@ -612,11 +644,13 @@ def write_particles(
     box_size: int,
     updates: dict[str, np.ndarray] | None = None,
     keep: np.ndarray | None = None,
+    project_names: bool = True,
 ) -> None:
     """Write a RELION 3.1+ particle STAR file atomically.
 
-    Every input column is kept (relative image paths are rewritten to resolve
-    from the output's folder); ``updates`` adds or replaces columns (e.g.
+    Every input column is kept (relative image names are written as RELION
+    writes them, relative to the project folder, i.e. the working directory,
+    wherever ``path`` is; absolute names stay absolute); ``updates`` adds or replaces columns (e.g.
     ``rlnAngleRot``…, ``rlnOriginXAngst``…). Pixel-unit origins
     (``rlnOriginX/Y``) are dropped when Å origins are written, so a file never
     carries two disagreeing shifts.
@@ -633,6 +667,9 @@ def write_particles(
         `(n,)` columns to add or replace.
     keep : np.ndarray, optional
         `(n,)` bool mask of particles to write.
+    project_names : bool
+        False: image names are written as they are in ``table`` (a dataset that
+        names its stacks relative to its own folder, e.g. ``simulate``).
     """
     write_star_blocks(path, particle_blocks(path, table, box_size=box_size, updates=updates,
-                                            keep=keep))
+                                            keep=keep, project_names=project_names))
