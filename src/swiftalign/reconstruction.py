@@ -202,8 +202,9 @@ def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
     Parameters
     ----------
     grid : torch.Tensor
-        `(3, P, P, P//2+1)` accumulator grid (:func:`new_grid`, after
-        :func:`complete_friedel`).
+        `(3·s, P, P, P//2+1)` accumulator grids (:func:`new_grid`, after
+        :func:`complete_friedel`; ``s`` grids stacked along the first axis are
+        symmetrised together, sharing the interpolation weights).
     group : np.ndarray
         `(G, 3, 3)` rotation matrices acting on xyz.
     max_radius : float
@@ -212,7 +213,7 @@ def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
     Returns
     -------
     torch.Tensor
-        `(3, P, P, P//2+1)`.
+        `(3·s, P, P, P//2+1)`.
     """
     channels, padded, width = grid.shape[0], grid.shape[1], grid.shape[-1]
     device = grid.device
@@ -242,9 +243,8 @@ def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
                               padding_mode="border", align_corners=True).view(channels, -1)
             beyond = (norm[edge].abs() > 1.0 + 1e-6).any(-1)  # beyond the grid: 0
             v[:, edge[beyond]] = 0.0
-            acc[0] += v[0]
-            acc[1].addcmul_(v[1], sign)
-            acc[2:] += v[2:]
+            v[1::3] *= sign  # the imaginary parts
+            acc += v
         block = out[:, z0:z0 + slab]
         block[:, inside] = acc
     return out
@@ -533,23 +533,22 @@ class HalfMapAccumulator:
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(half1, half2, full)`` `(N, N, N)` float32 maps.
 
-        Each half grid is Friedel-completed and symmetrised once (symmetrisation
-        is linear: the full grid is the sum of the symmetrised halves), then
-        weighted and inverted (:func:`grid_to_map`).
+        The two half grids are Friedel-completed and symmetrised together, once
+        (symmetrisation is linear: the full grid is the sum of the symmetrised
+        halves), then weighted and inverted (:func:`grid_to_map`). Consumes the
+        accumulator (its grids are released; a second call raises RuntimeError).
         """
         _check_method(method)
-        done = []
-        for grid in self.grids:
-            grid = complete_friedel(grid)
-            if symmetry_group is not None and len(symmetry_group) > 1:
-                grid = symmetrise(grid, symmetry_group, max_radius=self.box_size + 1.0)
-            done.append(grid)
+        if not self.grids:
+            raise RuntimeError("HalfMapAccumulator.maps() was already called")
+        both = torch.cat([complete_friedel(grid) for grid in self.grids])  # (6, P, P, P//2+1)
+        self.grids = []  # consumed: the memory goes to the symmetrised copy
+        if symmetry_group is not None and len(symmetry_group) > 1:
+            both = symmetrise(both, symmetry_group, max_radius=self.box_size + 1.0)
         kw = {"method": method, "regularisation": regularisation,
               "gridding_iterations": gridding_iterations}
-        half1, half2 = grid_to_map(done[0], **kw), grid_to_map(done[1], **kw)
-        full = done[0].add_(done[1])
-        del done
-        return half1, half2, grid_to_map(full, **kw)
+        half1, half2 = grid_to_map(both[:3], **kw), grid_to_map(both[3:], **kw)
+        return half1, half2, grid_to_map(both[:3] + both[3:], **kw)
 
 
 def _real_radius(box: int, device) -> torch.Tensor:
