@@ -190,14 +190,55 @@ def _radius2(padded: int, device) -> torch.Tensor:
     return k2[:, None, None] + k2[None, :, None] + kx2[None, None, :]
 
 
+def _mosaic(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The z planes of a `(c, D, H, W)` grid tiled into one `(1, c, R·H, C·W)` image, and ``C``.
+
+    Plane ``z`` is the tile at row ``z // C``, column ``z % C`` (``C = ⌈√D⌉``), so
+    that one 2D ``grid_sample`` reads any plane with coordinates small enough for
+    float32 (a flat stack of planes would need coordinates up to ``D·H``).
+    """
+    c, depth, height, width = grid.shape
+    cols = math.ceil(math.sqrt(depth))
+    rows = math.ceil(depth / cols)
+    tiles = torch.zeros((c, rows * cols, height, width), dtype=grid.dtype, device=grid.device)
+    tiles[:, :depth] = grid
+    image = tiles.view(c, rows, cols, height, width).permute(0, 1, 3, 2, 4)
+    return image.reshape(1, c, rows * height, cols * width), cols
+
+
+def _sample_trilinear(image: torch.Tensor, cols: int, shape: tuple[int, int, int],
+                      zyx: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples `(c, M)` of a mosaic (:func:`_mosaic`) at `(M, 3)` voxel coordinates.
+
+    Two bilinear 2D ``grid_sample`` calls (planes ``⌊z⌋`` and ``⌊z⌋ + 1``) blended
+    by the z fraction: the trilinear value, 15–50× faster than 3D ``grid_sample``
+    on the CPU. Coordinates must lie inside the grid.
+    """
+    depth, height, width = shape
+    z0 = torch.clamp(torch.floor(zyx[:, 0]), max=depth - 2)
+    fz = zyx[:, 0] - z0
+    z0 = z0.long()
+    size_y, size_x = image.shape[-2] - 1, image.shape[-1] - 1
+    values = []
+    for plane in (z0, z0 + 1):
+        y = (plane // cols) * height + zyx[:, 1]
+        x = (plane % cols) * width + zyx[:, 2]
+        norm = torch.stack([x * (2.0 / size_x) - 1.0, y * (2.0 / size_y) - 1.0], dim=-1)
+        values.append(F.grid_sample(image, norm.view(1, 1, -1, 2), mode="bilinear",
+                                    padding_mode="border", align_corners=True).view(
+                                        image.shape[1], -1))
+    return torch.lerp(values[0], values[1], fz)
+
+
 def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
                slab: int = 16) -> torch.Tensor:
     """Sum an accumulator grid over a point group, by trilinear interpolation.
 
     ``out(k) = Σ_g acc(g·k)``, with the conjugate of the Friedel mate where
     ``g·k`` falls in the missing half (RELION ``BackProjector::symmetrise``);
-    a ``g·k`` outside the grid contributes 0. One ``grid_sample`` per operator
-    and slab of ``slab`` z planes (memory bounded by the slab).
+    a ``g·k`` outside the grid contributes 0. Trilinear interpolation by two
+    bilinear samples of adjacent planes (:func:`_sample_trilinear`), per operator
+    and slab of ``slab`` output z planes (memory bounded by the slab).
 
     Parameters
     ----------
@@ -218,30 +259,27 @@ def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
     channels, padded, width = grid.shape[0], grid.shape[1], grid.shape[-1]
     device = grid.device
     out = torch.zeros_like(grid)
-    volume = grid[None].contiguous()
-    mats = torch.as_tensor(np.asarray(group), dtype=torch.float32, device=device)
-    # grid_sample's normalised (x, y, z) of frequency (kx, ky, kz), align_corners=True
-    scale = 2.0 / torch.tensor([width - 1, padded - 1, padded - 1], device=device)
-    shift = torch.tensor([-1.0, padded // 2 * 2.0 / (padded - 1) - 1.0,
-                          padded // 2 * 2.0 / (padded - 1) - 1.0], device=device)
-    # only frequencies beyond this radius can map outside the grid
-    safe2 = (padded // 2 - 1) ** 2
+    image, cols = _mosaic(grid)
+    mats = torch.as_tensor(np.asarray(group), dtype=torch.float32, device=device).flip(-1, -2)
+    top = torch.tensor([padded - 1, padded - 1, width - 1], device=device, dtype=torch.float32)
+    safe2 = (padded // 2 - 1) ** 2  # only frequencies beyond this can map outside the grid
     for z0 in range(0, padded, slab):
         zyx = _frequency_zyx(padded, device, slice(z0, z0 + slab))
         r2 = (zyx**2).sum(-1)
         inside = r2 <= max_radius**2
-        pts = zyx[inside].flip(-1)  # (m, 3) xyz
+        pts = zyx[inside]  # (m, 3) zyx
         if pts.shape[0] == 0:
             continue
         edge = torch.nonzero(r2[inside] > safe2).view(-1)
         acc = torch.zeros((channels, pts.shape[0]), dtype=grid.dtype, device=device)
-        for g in mats:
-            q = pts @ (g.T * scale)  # g·k, xyz, in normalised units
-            sign = torch.where(q[:, 0] < 0, -1.0, 1.0)  # Friedel mate at −g·k, conjugated
-            norm = torch.addcmul(shift, q, sign[:, None])
-            v = F.grid_sample(volume, norm.view(1, 1, 1, -1, 3), mode="bilinear",
-                              padding_mode="border", align_corners=True).view(channels, -1)
-            beyond = (norm[edge].abs() > 1.0 + 1e-6).any(-1)  # beyond the grid: 0
+        for g in mats:  # zyx-ordered matrix
+            q = pts @ g.T
+            sign = torch.where(q[:, 2] < 0, -1.0, 1.0)  # Friedel mate at −g·k, conjugated
+            q = q * sign[:, None]
+            q[:, :2] += padded // 2
+            beyond = ((q[edge] < 0) | (q[edge] > top)).any(-1)
+            q[edge[beyond]] = 0.0  # sampled anywhere inside, then zeroed
+            v = _sample_trilinear(image, cols, (padded, padded, width), q)
             v[:, edge[beyond]] = 0.0
             v[1::3] *= sign  # the imaginary parts
             acc += v
