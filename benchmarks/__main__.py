@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5]`` (default b1 b2 b4 b5; b3 needs RELION).
+"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5 b6]`` (default b1 b2 b4 b6 b5; b3 needs RELION).
 
 Results go to ``benchmarks/results/*.json`` and ``*.md``.
 """
@@ -11,7 +11,7 @@ import time
 
 
 def main(argv: list[str]) -> int:
-    wanted = argv or ["b1", "b2", "b4"] + (["b3"] if shutil.which("relion_refine_mpi") else []) + ["b5"]
+    wanted = argv or ["b1", "b2", "b4", "b6"] + (["b3"] if shutil.which("relion_refine_mpi") else []) + ["b5"]
     t0 = time.perf_counter()
     for name in wanted:
         t = time.perf_counter()
@@ -25,8 +25,10 @@ def main(argv: list[str]) -> int:
             from benchmarks.b3_relion import main as run
         elif name == "b5":
             from benchmarks.b5_realsize import main as run
+        elif name == "b6":
+            from benchmarks.b6_reconstruct import main as run
         else:
-            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5")
+            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6")
             return 2
         print(f"== {name} ==")
         print(run())

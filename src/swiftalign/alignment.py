@@ -619,7 +619,7 @@ def make_sampling(config: AlignConfig, pixel_size: float, box_size: int) -> Samp
         angular_step_deg=dphi,
         psi_step_deg=config.psi_step_deg or dphi,
         shift_step_px=config.shift_step_px
-        or shift_step_px(config.resolution_angstrom, pixel_size),
+        or shift_step_px(config.resolution_angstrom, pixel_size, config.max_shift_px),
         max_shift_px=config.max_shift_px,
         disc_radius_fftfreq=min(pixel_size / config.resolution_angstrom, 0.5),
     )

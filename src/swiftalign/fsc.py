@@ -10,13 +10,13 @@ Shell ``i`` is the spatial frequency ``i / N`` cycles/px, i.e. ``N·Ts / i`` Å.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch_fourier_shell_correlation import fourier_shell_correlation
 
 from swiftalign.errors import SwiftalignError
 
@@ -37,9 +37,70 @@ __all__ = [
 ]
 
 
+def _shell_coordinate(shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """`(D, H, W // 2 + 1)` continuous shell coordinate ``|k|·N`` of each rfftn voxel."""
+    n = min(shape)
+    kz = torch.fft.fftfreq(shape[0], device=device)
+    ky = torch.fft.fftfreq(shape[1], device=device)
+    kx = torch.fft.rfftfreq(shape[2], device=device)
+    k2 = kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2
+    return torch.sqrt(k2) * n
+
+
+def shell_sums(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Sums over Fourier shells of rfftn-grid values, with linear shell interpolation.
+
+    A voxel at shell coordinate ``|k|·N = i + f`` adds ``(1 − f)`` of its value to
+    shell ``i`` and ``f`` to shell ``i + 1`` (the weighting of
+    ``torch-fourier-shell-correlation``, without its per-shell loop: one
+    ``bincount`` per quantity).
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        `(q, D, H, W // 2 + 1)` real values on the rfftn grid of a `shape` volume.
+    shape : tuple
+        ``(D, H, W)`` of the real-space volume.
+
+    Returns
+    -------
+    torch.Tensor
+        `(q, min(shape) // 2 + 1)` float64 sums.
+    """
+    n_shells = min(shape) // 2 + 1
+    base, frac = _shell_weights(tuple(shape), values.device)
+    out = []
+    for v in values.reshape(values.shape[0], -1).double():
+        lower = torch.bincount(base, weights=v * (1 - frac))
+        upper = torch.bincount(base + 1, weights=v * frac)
+        out.append(lower[:n_shells] + upper[:n_shells])
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _shell_weights(shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat lower shell index and fraction ``(i, f)`` of each rfftn voxel (cached per shape)."""
+    coord = _shell_coordinate(shape, device).reshape(-1).double()
+    base = torch.floor(coord)
+    return base.long(), coord - base
+
+
 def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """FSC between two `(N, N, N)` maps: `(N // 2 + 1,)` values, shell 0 = DC."""
-    return fourier_shell_correlation(torch.as_tensor(a), torch.as_tensor(b)).numpy()
+    """FSC between two `(N, N, N)` maps: `(N // 2 + 1,)` values, shell 0 = DC (1 by definition).
+
+    ``FSC_i = Σ w Re(A·B*) / sqrt(Σ w |A|² · Σ w |B|²)`` over the rfftn voxels with
+    the linear shell weights ``w`` of :func:`shell_sums` (the definition of
+    ``torch_fourier_shell_correlation.fourier_shell_correlation``, computed with
+    one float32 FFT per map and three bincounts).
+    """
+    ta = torch.fft.rfftn(torch.as_tensor(np.asarray(a, dtype=np.float32)))
+    tb = torch.fft.rfftn(torch.as_tensor(np.asarray(b, dtype=np.float32)))
+    sums = shell_sums(torch.stack([(ta * tb.conj()).real, ta.abs() ** 2, tb.abs() ** 2]),
+                      tuple(np.shape(a)))
+    denom = torch.sqrt(sums[1] * sums[2])
+    fsc = torch.where(denom > 0, sums[0] / torch.where(denom > 0, denom, 1.0), 0.0)
+    fsc[0] = 1.0
+    return fsc.numpy().astype(np.float32)
 
 
 #: A shell carries signal when its FSC exceeds this many standard deviations of the FSC
@@ -164,11 +225,11 @@ def lowpass(volume: np.ndarray, resolution_angstrom: float, pixel_size_angstrom:
     n = volume.shape[0]
     cut = pixel_size_angstrom / resolution_angstrom  # cycles/px
     width = edge_shells / n
-    r = _radius_fftfreq(n)
-    x = np.clip((r - (cut - width / 2)) / width, 0.0, 1.0)
-    filt = 0.5 * (1 + np.cos(np.pi * x))
-    spec = np.fft.rfftn(volume) * filt
-    return np.fft.irfftn(spec, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
+    r = _shell_coordinate(volume.shape) / n
+    x = torch.clamp((r - (cut - width / 2)) / width, 0.0, 1.0)
+    filt = 0.5 * (1 + torch.cos(torch.pi * x))
+    spec = torch.fft.rfftn(torch.as_tensor(np.asarray(volume, dtype=np.float32))) * filt
+    return torch.fft.irfftn(spec, s=volume.shape).numpy()
 
 
 def auto_solvent_mask(volume: np.ndarray, pixel_size_angstrom: float, *,
@@ -201,13 +262,11 @@ def auto_solvent_mask(volume: np.ndarray, pixel_size_angstrom: float, *,
 
 
 def _randomise_phases(volume: np.ndarray, from_shell: int, rng: np.random.Generator) -> np.ndarray:
-    n = volume.shape[0]
-    spec = np.fft.rfftn(volume)
-    shell = np.round(_radius_fftfreq(n) * n)
-    sel = shell >= from_shell
-    phases = rng.uniform(0, 2 * np.pi, int(sel.sum()))
-    spec[sel] = np.abs(spec[sel]) * np.exp(1j * phases)
-    return np.fft.irfftn(spec, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
+    spec = torch.fft.rfftn(torch.as_tensor(np.asarray(volume, dtype=np.float32)))
+    sel = torch.round(_shell_coordinate(volume.shape)) >= from_shell
+    phases = torch.as_tensor(rng.uniform(0, 2 * np.pi, int(sel.sum())), dtype=torch.float32)
+    spec[sel] = torch.polar(spec[sel].abs(), phases)
+    return torch.fft.irfftn(spec, s=volume.shape).numpy()
 
 
 @dataclass

@@ -75,7 +75,7 @@ from swiftalign.plots import (
     refinement_summary_figure,
     save_figure,
 )
-from swiftalign.reconstruction import reconstruct, reconstruct_from_accumulators
+from swiftalign.reconstruction import HalfMapAccumulator
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.search import train_index
 from swiftalign.symmetry import check_reference_symmetry, symmetry_matrices
@@ -526,23 +526,25 @@ def run_refinement(
         half_maps = {}
         t_step = time.perf_counter()
         inserted = _counter(progress, "reconstruction", int(keep.sum()))
-        accs: dict[int, list] = {}
         sel_of: dict[tuple[int, int], np.ndarray] = {}
+        full_maps = {}
         for c in range(n_classes):
+            # each kept particle inserted once, into its half; the full map (all kept
+            # particles together, RELION's final map) from the sum of the halves' data
+            acc = HalfMapAccumulator(box, device=resolve_device(config.device))
             for h in (1, 2):
                 sel = sel_of[(c, h)] = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
                 if len(sel) < 2:
                     raise InputError(
                         f"iteration {it}: class {c + 1} half {h} kept only {len(sel)} particles"
                     )
-                half_maps[(c, h)] = reconstruct(
-                    images, cons.euler_deg[sel], cons.shift_yx_px[sel], rows=sel,
-                    ctf=ctf.subset(sel) if ctf is not None else None,
-                    pixel_size_angstrom=pixel_size, symmetry_group=group,
-                    method=config.reconstruction, regularisation=config.regularisation,
-                    device=config.device,
-                    progress=inserted, accumulators=accs.setdefault(c, []),
-                )
+                acc.insert(h, images, sel, cons.euler_deg[sel], cons.shift_yx_px[sel],
+                           ctf=ctf.subset(sel) if ctf is not None else None,
+                           pixel_size_angstrom=pixel_size, progress=inserted)
+            half_maps[(c, 1)], half_maps[(c, 2)], full_maps[c] = acc.maps(
+                symmetry_group=group, method=config.reconstruction,
+                regularisation=config.regularisation)
+            del acc
         timings["reconstruct"] = time.perf_counter() - t_step
         if config.weighting != "none":
             # next iteration's weights: residuals against the maps just made (RELION's σ²)
@@ -557,10 +559,7 @@ def run_refinement(
             h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
             # the map of all kept particles reconstructed together (RELION's final map; what
             # relion_reconstruct gives from particles.star), not the mean of the half maps
-            avg = reconstruct_from_accumulators(
-                accs[c][0] + accs[c][1],
-                symmetry_group=group, method=config.reconstruction,
-                regularisation=config.regularisation)
+            avg = full_maps[c]
             smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
             fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
                                     seed=config.seed + it)

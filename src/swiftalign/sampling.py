@@ -1,7 +1,7 @@
 """Sampling of poses: steps from the resolution and direction grids.
 
 Thesis eq. 4.20: angular step ``ΔΦ = asin(Tmax / (N·Ts))``; eq. 4.21: shift
-step ``Δs = Tmax / (2·Ts)`` px; ``Tmax`` resolution limit (Å), ``Ts`` pixel
+step ``Δs = Tmax / (2·Ts)`` px (at most half the search radius); ``Tmax`` resolution limit (Å), ``Ts`` pixel
 size (Å/px), ``N`` box size (px).
 """
 
@@ -42,9 +42,33 @@ def angular_step_deg(resolution_angstrom: float, pixel_size_angstrom: float, box
     return math.degrees(math.asin(ratio))
 
 
-def shift_step_px(resolution_angstrom: float, pixel_size_angstrom: float) -> float:
-    """Shift step ``Tmax / (2·Ts)`` in px (thesis eq. 4.21)."""
-    return resolution_angstrom / (2.0 * pixel_size_angstrom)
+def shift_step_px(resolution_angstrom: float, pixel_size_angstrom: float,
+                  max_shift_px: float | None = None) -> float:
+    """Shift step ``Tmax / (2·Ts)`` in px (thesis eq. 4.21), at most ``max_shift_px / 2``.
+
+    At low resolution the thesis step exceeds the search range (30 Å at 1.6 Å/px:
+    9.4 px against 8 px) and a grid of that spacing holds only the zero shift;
+    the cap keeps at least the shifts ``0, ±max/2, ±max`` along each axis, so the
+    global search samples the range whatever the resolution.
+
+    Parameters
+    ----------
+    resolution_angstrom : float
+        ``Tmax`` (Å).
+    pixel_size_angstrom : float
+        ``Ts`` (Å/px).
+    max_shift_px : float, optional
+        Search radius (px); None or 0: no cap.
+
+    Returns
+    -------
+    float
+        Step (px).
+    """
+    step = resolution_angstrom / (2.0 * pixel_size_angstrom)
+    if max_shift_px is not None and max_shift_px > 0:
+        step = min(step, max_shift_px / 2.0)
+    return step
 
 
 def fibonacci_directions(n: int) -> np.ndarray:
