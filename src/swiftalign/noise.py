@@ -90,8 +90,11 @@ class NoiseSpectrum:
 
 def background_mask(box_size: int, radius_px: float, *, edge_px: float = 3.0,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """`(N, N)` soft background mask: 0 inside ``radius_px`` of pixel ``N // 2``, 1 beyond
-    ``radius_px + edge_px``, raised cosine in between."""
+    """`(N, N)` soft background mask.
+
+    0 inside ``radius_px`` of pixel ``N // 2``, 1 beyond ``radius_px + edge_px``,
+    raised cosine in between.
+    """
     c = box_size // 2
     y = torch.arange(box_size, device=device, dtype=torch.float32) - c
     r = torch.sqrt(y[:, None] ** 2 + y[None, :] ** 2)

@@ -394,8 +394,11 @@ def _real_radius(box: int, device) -> torch.Tensor:
 
 
 def _soft_mask_outside(volume: torch.Tensor, *, width_px: float = 3.0) -> torch.Tensor:
-    """Blend the map beyond radius ``N/2`` into its mean value there (raised cosine over
-    ``width_px``), as RELION's ``softMaskOutsideMap`` does to every reconstruction."""
+    """Blend the map beyond radius ``N/2`` into its mean value there.
+
+    Raised cosine over ``width_px``, as RELION's ``softMaskOutsideMap`` does to every
+    reconstruction.
+    """
     box = volume.shape[0]
     r = _real_radius(box, volume.device)
     outer = box / 2.0 + width_px

@@ -106,6 +106,7 @@ def refine_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign refine`` (help: the module docstring)."""
     from pydantic import ValidationError
 
     from swiftalign.io.mrc import read_map
@@ -176,9 +177,9 @@ def refine_command(
         t = Table(title="refinement")
         for col in ("iteration", "align at (Å)", "resolution (Å)", "kept", "rejected", "time (s)"):
             t.add_column(col, justify="right")
-        for h in result["history"]:
+        for h in result.history:
             t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
                       f"{h['resolution_angstrom']:.2f}", str(h["kept"]), str(h["rejected"]),
                       f"{h['seconds']:.0f}")
         console.print(t)
-        console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")
+        console.print(f"final resolution {result.resolution_angstrom:.2f} Å → {out}/final")
