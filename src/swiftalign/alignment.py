@@ -573,7 +573,7 @@ def build_reference_set(
     shifts = shift_grid_px(sampling.max_shift_px, sampling.shift_step_px)
     t0 = time.perf_counter()
     weights = None
-    if config.weighting != "none":
+    if config.weighting != "none" and noise is not None:  # checked above
         weights = coefficient_weights(noise.pooled(), disc.to(device), config.weighting)[0]
     gallery: Gallery = build_gallery(
         torch.as_tensor(reference.data, device=device),

@@ -40,6 +40,14 @@ class CtfParams:
         "phase_shift_deg",
     )
 
+    defocus_u_angstrom: np.ndarray
+    defocus_v_angstrom: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+
     def __init__(
         self,
         defocus_u_angstrom,

@@ -117,7 +117,7 @@ def prepare_local(
     weights = group_of = None
     if noise is not None:
         weights = coefficient_weights(noise, disc.to(device), weighting)
-        if weights.shape[0] > 1:
+        if weights.shape[0] > 1 and optics_group is not None:
             group_of = np.searchsorted(noise.groups, optics_group)
     if reusable_queries is not None and group_of is None:
         queries = reusable_queries

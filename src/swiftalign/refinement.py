@@ -418,6 +418,7 @@ def resume_state(setup: RefineSetup, folder: RunFolder) -> RefineState | None:
     folder.publish_final(it)
     log.info("continuing after iteration %d (%.2f Å)", it, saved["resolution_angstrom"])
     noise_path = last / "noise.npz"
+    noise: NoiseSpectrum | None
     if setup.config.weighting != "none" and noise_path.exists():
         noise = load_noise(noise_path)  # the last iteration's residual spectra
     else:
