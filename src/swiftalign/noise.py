@@ -174,8 +174,7 @@ def estimate_noise_power(
             sel = np.sort(rng.choice(sel, max_particles_per_group, replace=False))
         acc_n = torch.zeros(n_shells, dtype=torch.float64, device=device)
         acc_t = torch.zeros_like(acc_n)
-        for start in range(0, len(sel), batch_size):
-            batch = torch.as_tensor(images.read(sel[start:start + batch_size]), device=device)
+        for _, _, batch in images.batches(sel, batch_size, device):
             bg_mean = (batch * mask).sum((-2, -1), keepdim=True) / mask.sum()
             x = batch - bg_mean
             p_bg = (centred_rfft2(x * mask).abs() ** 2).double().sum(0).reshape(-1) * mult
@@ -300,10 +299,9 @@ def estimate_residual_noise_power(
             pos = np.sort(rng.choice(pos, max_particles_per_group, replace=False))
         acc_r = torch.zeros(n_shells, dtype=torch.float64, device=device)
         acc_t = torch.zeros_like(acc_r)
-        for start in range(0, len(pos), batch_size):
-            p = pos[start:start + batch_size]
-            x = extract_disc(centred_rfft2(torch.as_tensor(images.read(rows[p]), device=device)),
-                             disc)
+        for sl, _, batch in images.batches(rows[pos], batch_size, device):
+            p = pos[sl]
+            x = extract_disc(centred_rfft2(batch), disc)
             mats = torch.as_tensor(euler_to_matrix(euler_deg[p]), dtype=torch.float32)
             model = spectrum.slice_disc(mats, disc)
             model = model * shift_phase_ramps(

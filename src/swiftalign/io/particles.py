@@ -119,6 +119,8 @@ class ParticleImages:
                     f"{table.path}: particle {i + 1} rlnImageName {names[i]!r}: index "
                     f"{self._index[i] + 1} is beyond stack {p}, which holds {n_images} images"
                 )
+        if box is None:
+            raise MrcFileError(f"{table.path}: no particle images")
         self.box_size: int = int(box)
 
     def __len__(self) -> int:
