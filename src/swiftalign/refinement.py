@@ -30,6 +30,7 @@ previous shift with range ``max_shift_later_px``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -129,10 +130,9 @@ _CONTINUE_MAY_CHANGE = ("iterations", *ComputeConfig.model_fields)
 
 def _check_same_parameters(run_json: Path, config: RefineConfig) -> None:
     """Refuse to continue a run with parameters other than the ones it was run with."""
-    it_dir = run_json.parent
-    before = RunFolder(it_dir.parent).recorded_parameters(int(it_dir.name[2:])) \
-        if it_dir.name[2:].isdigit() else None
-    if before is None:
+    try:
+        before = json.loads(run_json.read_text())["parameters"]
+    except (OSError, ValueError, KeyError):
         return  # nothing recorded (older runs): nothing to compare
     now = config.model_dump()
     differ = [f"{name} = {before[name]!r} (now {now[name]!r})" for name in now

@@ -6,6 +6,7 @@ Layout::
     OUT/itNNN/                everything of iteration NNN (maps, FSC, STAR, poses, run.json)
     OUT/final/                a complete copy of the last completed iteration
     OUT/summary.png           resolution and particles per iteration
+    OUT/run.log               the log of every run in the folder
 
 ``state.json`` is written last in an iteration, so a run killed at any moment
 resumes (``--continue``) from the last iteration it names; ``final/`` is
@@ -81,6 +82,15 @@ class RunFolder:
         """``OUT/summary.png``."""
         return self.path / "summary.png"
 
+    @property
+    def log_path(self) -> Path:
+        """``OUT/run.log``."""
+        return self.path / "run.log"
+
+    def started(self) -> bool:
+        """Whether a run began here (its log or its first iteration folder exists)."""
+        return self.log_path.exists() or self.iteration_dir(1).exists()
+
     def iteration_dir(self, iteration: int) -> Path:
         """``OUT/itNNN`` (not created)."""
         return self.path / f"it{iteration:03d}"
@@ -94,13 +104,6 @@ class RunFolder:
         if not self.state_path.exists():
             return None
         return json.loads(self.state_path.read_text())
-
-    def recorded_parameters(self, iteration: int) -> dict | None:
-        """The parameters in ``itNNN/run.json``, or None where nothing was recorded."""
-        try:
-            return json.loads((self.iteration_dir(iteration) / "run.json").read_text())["parameters"]
-        except (OSError, ValueError, KeyError):
-            return None  # older runs: nothing to compare
 
     def remove_stale_temporaries(self) -> None:
         """Delete temporary files (``.NAME.XXXX.tmp``) a killed run left in ``OUT`` and ``OUT/it*``."""

@@ -113,15 +113,15 @@ def refine_command(
     from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles
     from swiftalign.refinement import RefineConfig, run_refinement
+    from swiftalign.run_folder import RunFolder
     from swiftalign.symmetry import parse_symmetry
 
     out = continue_dir or output
     if out is None:
         fail(ValueError("give -o OUTDIR (or --continue OUTDIR)"))
     restart = False
-    if continue_dir is not None and not (Path(continue_dir) / "state.json").exists():
-        started = (Path(continue_dir) / "run.log").exists() or (Path(continue_dir) / "it001").exists()
-        if not started:
+    if continue_dir is not None and not RunFolder(continue_dir).state_path.exists():
+        if not RunFolder(continue_dir).started():
             fail(ValueError(f"--continue {continue_dir}: no completed iteration to resume there "
                             "(no state.json)"))
         restart = True  # killed during iteration 1: start again, same seeds, same results
@@ -152,7 +152,7 @@ def refine_command(
         table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
     except USER_ERRORS as exc:
         fail(exc)
-    setup_logging(verbose, quiet, Path(out) / "run.log")
+    setup_logging(verbose, quiet, RunFolder(out).log_path)
     if restart:
         import logging
 
