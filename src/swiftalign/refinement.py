@@ -53,7 +53,7 @@ from swiftalign.alignment import (
     resolve_ctf_mode,
     resolve_device,
 )
-from swiftalign.configs import ComputeConfig, section
+from swiftalign.configs import ComputeConfig, NoiseConfig, section
 from swiftalign.consensus import Consensus, consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.ctf import CtfParams
@@ -89,11 +89,11 @@ log = logging.getLogger(__name__)
 ClassHalf = tuple[int, int]
 
 
-class RefineConfig(ComputeConfig):
+class RefineConfig(NoiseConfig, ComputeConfig):
     """Validated refinement parameters (units in the names).
 
-    Built on the compute section (:class:`swiftalign.configs.ComputeConfig`):
-    those fields and ``iterations`` are what ``--continue`` may change.
+    Built on the noise and compute sections of :mod:`swiftalign.configs`; the
+    compute fields and ``iterations`` are what ``--continue`` may change.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,7 +113,6 @@ class RefineConfig(ComputeConfig):
     max_shift_later_px: float = Field(default=3.0, ge=0)
     ctf_mode: Literal["auto", "wiener", "reference", "none"] = "wiener"
     weighting: Literal["none", "noise", "ssnr"] = "noise"
-    particle_diameter_angstrom: float | None = Field(default=None, gt=0)
     index: str = "auto"
     metric: Literal["l2", "cosine", "pearson"] = "cosine"
     reconstruction: Literal["gridding", "wiener"] = "gridding"
