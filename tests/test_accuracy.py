@@ -37,6 +37,12 @@ class _Stack:
     def read(self, rows):
         return self.images[np.asarray(rows)]
 
+    def batches(self, rows, batch_size, device="cpu"):
+        rows = np.asarray(rows)
+        for start in range(0, len(rows), batch_size):
+            sl = slice(start, min(len(rows), start + batch_size))
+            yield sl, rows[sl], torch.as_tensor(self.read(rows[sl]), device=device)
+
 
 def _noise(n: int, box: int, exponent: float, seed: int) -> np.ndarray:
     from swiftalign.conventions import centred_irfft2, centred_rfft2

@@ -8,7 +8,7 @@ of projected, rotated and shifted references stored in a FAISS index
 Where each step lives:
 
 - conventions   RELION Euler angles, origins, Fourier layout (the one place)
-- io            MRC maps/stacks and RELION STAR / particle tables
+- io            MRC maps/stacks, the particle table, RELION STAR and cryoSPARC files
 - fourier       disc extraction: images -> search vectors
 - projection    reference projections (torch-fourier-slice)
 - ctf           CTF and Wiener filter (torch-ctf)
@@ -16,7 +16,13 @@ Where each step lives:
 - sampling      angular/shift steps (thesis eq. 4.20-4.21), direction grids
 - gallery       reference set: projections x in-plane rotations x shifts
 - search        FAISS index build/populate/query, exact re-scoring
-- alignment     the align workflow (particles -> poses)
+- configs       parameter sections (search, noise, CTF, local, query, compute)
+- queries       particle images -> search vectors, noise spectra
+- ctf_groups    defocus groups and CTF re-scoring of candidates
+- local_search  local refinement around the global match
+- alignment     the align workflow as stages (plan, queries, search, re-score, local)
+- refinement    gold-standard refinement: setup, state, one iteration, outputs
+- run_folder    a refinement's output folder (state.json, itNNN/, final/)
 - simulate      synthetic datasets with ground truth
 - evaluate      angular and shift errors against ground truth
 - export        cryoSPARC .cs and ChimeraX .bild exports; selection: particle subsets

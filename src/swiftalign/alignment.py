@@ -20,43 +20,39 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict
 
-from swiftalign.conventions import centred_rfft2
-from swiftalign.ctf import (
-    CtfParams,
-    ctf_envelope_from_table,
-    ctf_rfft2,
-    electron_wavelength_angstrom,
-    wiener_filter,
+from swiftalign.configs import (
+    ComputeConfig,
+    CtfConfig,
+    LocalConfig,
+    NoiseConfig,
+    QueryConfig,
+    SearchConfig,
+    differing_fields,
 )
+from swiftalign.ctf import CtfParams, ctf_envelope_from_table
+from swiftalign.ctf_groups import ctf_groups, particle_ctf_disc, reference_ctf_pool, rescore_with_ctf
 from swiftalign.errors import InputError
-from swiftalign.fourier import (
-    Disc,
-    disc_to_vectors,
-    extract_disc,
-    make_disc,
-    normalise_vectors,
-    spectra_to_features,
-)
+from swiftalign.fourier import Disc, make_disc
 from swiftalign.gallery import Gallery, build_gallery
 from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
-from swiftalign.io.star import ParticleTable
-from swiftalign.local_search import refine_local
-from swiftalign.noise import NoiseSpectrum, coefficient_weights, estimate_noise_power
+from swiftalign.io.table import ParticleTable
+from swiftalign.local_search import prepare_local, refine_local
+from swiftalign.noise import NoiseSpectrum, coefficient_weights
 from swiftalign.projection import VolumeSpectrum
+from swiftalign.queries import noise_spectrum_for, particle_vectors
 from swiftalign.sampling import (
-    DEFAULT_MAX_SHIFT_PX,
+    Sampling,
     angular_step_deg,
     directions_to_rot_tilt,
     gallery_directions,
+    plan_sampling,
     shift_grid_px,
-    shift_step_px,
 )
 from swiftalign.search import (
     IndexSettings,
@@ -65,7 +61,6 @@ from swiftalign.search import (
     TrainedIndex,
     populate_index,
     query_index,
-    rescore,
     search_gallery,
     train_index,
     validate_factory,
@@ -74,6 +69,14 @@ from swiftalign.symmetry import check_reference_symmetry, parse_symmetry, symmet
 
 __all__ = [
     "AlignConfig",
+    "AlignmentPlan",
+    "ParticleQueries",
+    "particle_ctf_disc",
+    "reference_ctf_pool",
+    "plan_alignment",
+    "particle_queries",
+    "global_search",
+    "local_stage",
     "AlignmentResult",
     "ReferenceSet",
     "align_particles",
@@ -97,73 +100,31 @@ AUTO_REFERENCE_CTF_BELOW_ANGSTROM = 22.0
 
 
 def resolve_ctf_mode(ctf_mode: str, resolution_angstrom: float) -> str:
-    """The CTF mode actually used: ``auto`` → ``reference`` below
-    :data:`AUTO_REFERENCE_CTF_BELOW_ANGSTROM`, else ``wiener``; others unchanged."""
+    """The CTF mode actually used.
+
+    ``auto`` → ``reference`` below :data:`AUTO_REFERENCE_CTF_BELOW_ANGSTROM`, else
+    ``wiener``; others unchanged.
+    """
     if ctf_mode != "auto":
         return ctf_mode
     return "reference" if resolution_angstrom < AUTO_REFERENCE_CTF_BELOW_ANGSTROM else "wiener"
 
 
-class AlignConfig(BaseModel):
-    """Validated parameters of an alignment (every unit in the name)."""
+class AlignConfig(SearchConfig, NoiseConfig, CtfConfig, LocalConfig, QueryConfig, ComputeConfig):
+    """Validated parameters of an alignment (every unit in the name).
+
+    Built from the sections of :mod:`swiftalign.configs` (search, noise, CTF,
+    local, query, compute); :func:`swiftalign.configs.section` gives one.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    resolution_angstrom: float = Field(gt=0, description="resolution limit Tmax (Å)")
-    symmetry: str = "C1"
     force_symmetry: bool = False  # align even if the reference disagrees with the symmetry
-    angular_step_deg: float | None = Field(default=None, gt=0)
-    psi_step_deg: float | None = Field(default=None, gt=0)
-    shift_step_px: float | None = Field(default=None, gt=0)
-    max_shift_px: float = Field(default=DEFAULT_MAX_SHIFT_PX, ge=0)
-    perturbation_deg: float | None = Field(default=None, ge=0)
-    ctf_mode: Literal["auto", "wiener", "reference", "none"] = "auto"
-    weighting: Literal["none", "noise", "ssnr"] = "noise"
-    transform: Literal["dft", "dct"] = "dft"
-    particle_diameter_angstrom: float | None = Field(
-        default=None, gt=0, description="noise-estimation mask diameter (Å); default 0.8·box")
-    wiener_constant: float = Field(default=0.1, gt=0)
-    index: str = "auto"
-    nprobe: int | None = Field(default=None, gt=0)
-    target_recall: float = Field(default=0.95, gt=0, le=1)
-    rerank: int = Field(default=100, gt=0)
-    metric: Literal["l2", "cosine", "pearson"] = "cosine"
-    k: int = Field(default=1, ge=1)
-    device: str = "cpu"
-    gpu_float16: bool = False
-    max_memory_gb: float = Field(default=2.0, gt=0)
-    seed: int = 0
-    ctf_candidates: int = Field(
-        default=20, ge=1, description="global candidates re-scored with each particle's CTF"
-    )
-    local_rounds: int = Field(default=2, ge=0, description="local refinement rounds (0: off)")
-    local_resolution_factor: float = Field(
-        default=0.5, gt=0, le=1,
-        description="the local refinement compares up to resolution × this factor (Nyquist-capped)")
-    ctf_group_phase_rad: float = Field(default=math.pi / 4, gt=0)
 
     def symmetry_checked(self) -> str:
         """The symmetry name, upper case; raises ValueError for an unknown group."""
         parse_symmetry(self.symmetry)
         return self.symmetry.upper()
-
-
-@dataclass
-class Sampling:
-    """Steps actually used (from the resolution unless overridden)."""
-
-    angular_step_deg: float
-    psi_step_deg: float
-    shift_step_px: float
-    max_shift_px: float
-    disc_radius_fftfreq: float
-    n_directions: int = 0
-    n_psi: int = 0
-    n_shifts: int = 0
-
-    @property
-    def n_poses(self) -> int:
-        return self.n_directions * self.n_psi * self.n_shifts
 
 
 @dataclass
@@ -199,8 +160,11 @@ class AlignmentResult:
     noise: NoiseSpectrum | None = None
 
     def star_columns(self) -> dict[str, np.ndarray]:
-        """RELION columns of the best match: `(n,)` ``rlnAngleRot/Tilt/Psi`` (°),
-        ``rlnOriginXAngst/YAngst`` (Å, origin = −shift·Ts) and ``rlnSwiftalignScore``."""
+        """RELION columns of the best match.
+
+        `(n,)` ``rlnAngleRot/Tilt/Psi`` (°), ``rlnOriginXAngst/YAngst`` (Å, origin =
+        −shift·Ts) and ``rlnSwiftalignScore``.
+        """
         from swiftalign.conventions import shift_px_to_origin_angstrom
 
         origin = shift_px_to_origin_angstrom(self.shift_yx_px[:, 0], self.pixel_size_angstrom)
@@ -214,8 +178,10 @@ class AlignmentResult:
         }
 
     def topk_columns(self) -> dict[str, np.ndarray]:
-        """The same columns for all ``k`` matches, `(n·k,)` particle-major, plus
-        ``rlnSwiftalignRank`` (1 = best)."""
+        """The same columns for all ``k`` matches.
+
+        `(n·k,)` particle-major, plus ``rlnSwiftalignRank`` (1 = best).
+        """
         from swiftalign.conventions import shift_px_to_origin_angstrom
 
         origin = shift_px_to_origin_angstrom(self.shift_yx_px, self.pixel_size_angstrom)
@@ -293,198 +259,6 @@ def ctf_params_from_table(table: ParticleTable) -> CtfParams:
     return params
 
 
-def particle_vectors(
-    images: ParticleImages,
-    disc: Disc,
-    *,
-    ctf: CtfParams | None,
-    pixel_size_angstrom: float,
-    metric: str,
-    wiener_constant: float = 0.1,
-    device: str = "cpu",
-    batch_size: int = 512,
-    rows: np.ndarray | None = None,
-    recentre_shift_yx_px: np.ndarray | None = None,
-    progress: Callable[[int], None] | None = None,
-    coefficient_weights: torch.Tensor | None = None,
-    weight_group: np.ndarray | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Particles → prepared search vectors, with and without CTF correction.
-
-    Parameters
-    ----------
-    images : ParticleImages
-        The particle stack(s).
-    disc : Disc
-        Coefficient selection.
-    ctf : CtfParams or None
-        When given, the first output has each particle multiplied by its
-        Wiener filter ``C / (C² + c)`` (thesis §4.2).
-    pixel_size_angstrom : float
-        Particle pixel size.
-    metric : str
-        ``l2``, ``cosine`` or ``pearson``.
-    wiener_constant : float
-        ``c`` as a fraction of the mean of ``C²``.
-    rows : np.ndarray, optional
-        `(m,)` STAR rows to use (default all); ``ctf`` is indexed by STAR row.
-    recentre_shift_yx_px : np.ndarray, optional
-        `(m,)`×2 known particle-centre shifts removed before the disc is cut
-        (a search then finds shifts relative to them).
-    coefficient_weights : torch.Tensor, optional
-        `(G, n_coeff)` real weights (noise whitening, :mod:`swiftalign.noise`)
-        applied to the features before normalisation.
-    weight_group : np.ndarray, optional
-        `(m,)` row of ``coefficient_weights`` for each particle (default row 0).
-
-    Returns
-    -------
-    corrected : torch.Tensor
-        `(n, dim)` float32 Wiener-corrected vectors (same as ``raw`` without ``ctf``).
-    raw : torch.Tensor
-        `(n, dim)` float32 vectors of the particles as recorded.
-    """
-    all_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    n = len(all_rows)
-    raw = torch.empty((n, disc.dim), dtype=torch.float32, device=device)
-    corrected = torch.empty_like(raw) if ctf is not None else raw
-    disc_dev = disc.to(device)
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(n, start + batch_size))
-        rows = all_rows[sl]
-        batch = torch.as_tensor(images.read(rows), device=device)
-        spectra = centred_rfft2(batch)
-        if recentre_shift_yx_px is not None:
-            from swiftalign.fourier import shift_phase_ramps
-
-            freqs = torch.stack(torch.meshgrid(
-                torch.fft.fftfreq(disc.box_size, device=device),
-                torch.fft.rfftfreq(disc.box_size, device=device), indexing="ij"), -1)
-            s0 = torch.as_tensor(-recentre_shift_yx_px[sl], dtype=torch.float32, device=device)
-            spectra = spectra * shift_phase_ramps(freqs.reshape(-1, 2), s0).reshape(spectra.shape)
-        w = None
-        if coefficient_weights is not None:
-            w = coefficient_weights.to(device)
-            w = w[torch.as_tensor(weight_group[sl], device=device)] if weight_group is not None \
-                else w[0]
-        raw[sl] = _to_vectors(spectra, disc_dev, w, metric)
-        if ctf is not None:
-            c = ctf_rfft2(
-                ctf.subset(rows),
-                pixel_size_angstrom=pixel_size_angstrom,
-                box_size=disc.box_size,
-                device=device,
-            )
-            spectra = spectra * wiener_filter(c, constant_fraction=wiener_constant)
-            corrected[sl] = _to_vectors(spectra, disc_dev, w, metric)
-        if progress is not None:
-            progress(len(rows))
-    return corrected, raw
-
-
-def _to_vectors(spectra: torch.Tensor, disc: Disc, weights: torch.Tensor | None,
-                metric: str) -> torch.Tensor:
-    """Centred rfft spectra → (weighted) features → normalised vectors."""
-    feats = spectra_to_features(spectra, disc)
-    if weights is not None:
-        feats = feats * weights
-    return normalise_vectors(disc_to_vectors(feats, disc.box_size), metric)
-
-
-def _ctf_on_features(c: torch.Tensor, disc: Disc) -> torch.Tensor:
-    """`(..., N, N//2+1)` CTF → what the gallery applies: disc values (dft) or the grid (dct)."""
-    if disc.transform == "dct":
-        return c.to(torch.float32)
-    return extract_disc(c.to(torch.complex64), disc.to(c.device))
-
-
-def noise_spectrum_for(
-    table: ParticleTable,
-    images: ParticleImages,
-    rows: np.ndarray,
-    *,
-    pixel_size_angstrom: float,
-    particle_diameter_angstrom: float | None,
-    seed: int = 0,
-    device: str = "cpu",
-) -> NoiseSpectrum:
-    """Noise power per optics group outside the particle mask (:func:`estimate_noise_power`).
-
-    The mask diameter is ``particle_diameter_angstrom`` (default 0.8 × the box).
-
-    Raises
-    ------
-    InputError
-        If the mask leaves too little background.
-    """
-    box = images.box_size
-    radius_px = (0.4 * box if particle_diameter_angstrom is None
-                 else particle_diameter_angstrom / (2.0 * pixel_size_angstrom))
-    groups = (table.particles["rlnOpticsGroup"].to_numpy()[rows]
-              if "rlnOpticsGroup" in table.particles else np.ones(len(rows), dtype=int))
-    try:
-        return estimate_noise_power(images, rows, groups, mask_radius_px=radius_px, seed=seed,
-                                    device=device)
-    except ValueError as exc:
-        raise InputError(f"--particle-diameter {particle_diameter_angstrom}: {exc}") from None
-
-
-def particle_ctf_disc(
-    ctf: CtfParams,
-    rows: np.ndarray,
-    disc: Disc,
-    *,
-    pixel_size_angstrom: float,
-    device: str,
-) -> torch.Tensor:
-    """CTF of particles ``rows`` as the gallery applies it: `(m, n_coeff)` complex64 on
-    the disc (dft) or `(m, N, N // 2 + 1)` float32 on the grid (dct)."""
-    c = ctf_rfft2(
-        ctf.subset(rows), pixel_size_angstrom=pixel_size_angstrom,
-        box_size=disc.box_size, device=device,
-    )
-    return _ctf_on_features(c, disc)
-
-
-def _ctf_groups(
-    ctf: CtfParams,
-    disc: Disc,
-    *,
-    pixel_size_angstrom: float,
-    max_phase_rad: float,
-    device: str,
-) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """Group particles by defocus so that one CTF per group stays within ``max_phase_rad``.
-
-    The defocus phase term π·λ·Δf·k² at the disc edge ``k`` changes by less
-    than ``max_phase_rad`` within a group.
-    """
-    k_edge = disc.radius_fftfreq / pixel_size_angstrom  # 1/Å
-    lam = float(np.mean(electron_wavelength_angstrom(ctf.voltage_kv)))
-    width = max_phase_rad / (math.pi * lam * k_edge**2)
-    mean_df = (ctf.defocus_u_angstrom + ctf.defocus_v_angstrom) / 2.0
-    bins = np.floor((mean_df - mean_df.min()) / width).astype(np.int64)
-    groups = []
-    for b in np.unique(bins):
-        rows = np.nonzero(bins == b)[0]
-        sub = ctf.subset(rows)
-        med = CtfParams(*(np.median(getattr(sub, name)) for name in CtfParams._FIELDS))
-        c = ctf_rfft2(med, pixel_size_angstrom=pixel_size_angstrom, box_size=disc.box_size,
-                      device=device)
-        groups.append((rows, _ctf_on_features(c, disc)[0]))
-    return groups
-
-
-def reference_ctf_pool(ctf: CtfParams, disc: Disc, config: AlignConfig, *,
-                       pixel_size_angstrom: float) -> torch.Tensor:
-    """`(n_groups, n_coeff)` CTFs of the particles' defocus groups (reference CTF mode),
-    to augment the vectors an index is trained on."""
-    groups = _ctf_groups(ctf, disc, pixel_size_angstrom=pixel_size_angstrom,
-                         max_phase_rad=config.ctf_group_phase_rad,
-                         device=resolve_device(config.device))
-    return torch.stack([g[1] for g in groups])
-
-
 def resolve_device(device: str) -> str:
     """``cuda`` when asked for and available, else ``cpu`` (with a warning).
 
@@ -521,8 +295,7 @@ def check_inputs(
     """
     ps = table.pixel_size_angstrom
     if not np.allclose(ps, ps[0], rtol=1e-4):
-        groups = (table.particles["rlnOpticsGroup"].to_numpy()
-                  if "rlnOpticsGroup" in table.particles else np.zeros(len(ps), int))
+        groups = table.optics_group
         found = sorted({(int(g), round(float(p), 4)) for g, p in zip(groups, ps, strict=True)})
         listing = ", ".join(f"group {g}: {p} Å" for g, p in found[:6])
         raise InputError(
@@ -611,26 +384,14 @@ def resample_map(volume: np.ndarray, voxel_size_angstrom: float,
 
 
 def make_sampling(config: AlignConfig, pixel_size: float, box_size: int) -> Sampling:
-    """Steps from the resolution (thesis eq. 4.20–4.21) unless overridden."""
-    dphi = config.angular_step_deg or angular_step_deg(
-        config.resolution_angstrom, pixel_size, box_size
-    )
-    return Sampling(
-        angular_step_deg=dphi,
-        psi_step_deg=config.psi_step_deg or dphi,
-        shift_step_px=config.shift_step_px
-        or shift_step_px(config.resolution_angstrom, pixel_size, config.max_shift_px),
-        max_shift_px=config.max_shift_px,
-        disc_radius_fftfreq=min(pixel_size / config.resolution_angstrom, 0.5),
-    )
+    """The sampling plan of ``config`` (:func:`swiftalign.sampling.plan_sampling`)."""
+    return plan_sampling(config.resolution_angstrom, pixel_size, box_size,
+                         angular_step=config.angular_step_deg, psi_step=config.psi_step_deg,
+                         shift_step=config.shift_step_px, max_shift_px=config.max_shift_px)
 
 
-#: AlignConfig fields that define a reference set (gallery and index); the rest are per run.
-REFERENCE_FIELDS = (
-    "resolution_angstrom", "symmetry", "angular_step_deg", "psi_step_deg", "shift_step_px",
-    "max_shift_px", "perturbation_deg", "ctf_mode", "index", "metric", "seed", "target_recall",
-    "weighting", "transform",
-)
+#: AlignConfig fields that define a reference set (gallery and index): the search section.
+REFERENCE_FIELDS = tuple(SearchConfig.model_fields)
 
 
 @dataclass
@@ -755,8 +516,9 @@ def build_reference_set(
     noise: NoiseSpectrum | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ReferenceSet:
-    """Project, rotate and cut the reference (the rotated gallery); optionally train and
-    populate its index for reuse.
+    """Project, rotate and cut the reference (the rotated gallery).
+
+    Optionally also train and populate its index for reuse.
 
     Parameters
     ----------
@@ -813,15 +575,8 @@ def build_reference_set(
     rot_tilt = directions_to_rot_tilt(dirs)
     shifts = shift_grid_px(sampling.max_shift_px, sampling.shift_step_px)
     t0 = time.perf_counter()
-    done = [0]
-
-    def cb(m: int) -> None:
-        done[0] += m
-        if progress is not None:
-            progress("projections", done[0], len(rot_tilt))
-
     weights = None
-    if config.weighting != "none":
+    if config.weighting != "none" and noise is not None:  # checked above
         weights = coefficient_weights(noise.pooled(), disc.to(device), config.weighting)[0]
     gallery: Gallery = build_gallery(
         torch.as_tensor(reference.data, device=device),
@@ -831,13 +586,11 @@ def build_reference_set(
         disc=disc.to(device),
         metric=config.metric,
         rng=rng,
-        progress=cb,
+        progress=progress_counter(progress, "projections", len(rot_tilt)),
         coefficient_weights=weights,
     )
     timings["gallery"] = time.perf_counter() - t0
-    sampling.n_directions = len(rot_tilt)
-    sampling.n_psi = gallery.psi_deg.shape[1]
-    sampling.n_shifts = gallery.n_shifts
+    sampling = sampling.with_counts(len(rot_tilt), gallery.psi_deg.shape[1], gallery.n_shifts)
     log.info(
         "sampling: dPhi %.2f deg, ds %.2f px, %d directions x %d psi x %d shifts = %d poses, "
         "%d coefficients",
@@ -875,13 +628,12 @@ def check_reference_set(table: ParticleTable, images: ParticleImages, refset: Re
         reference-defining parameter of ``config`` differs from the index's.
     """
     src = refset.source or "the reference index"
-    for name in REFERENCE_FIELDS:
+    for name in differing_fields(config, refset.config, SearchConfig):
         mine, theirs = getattr(config, name), getattr(refset.config, name)
         if name == "ctf_mode" and mine == "auto" and theirs == "wiener":
             continue  # auto with a prebuilt index: the Wiener mode it was built for
-        if mine != theirs:
-            raise InputError(f"{src}: built with {name} = {theirs!r}, but this run asks for "
-                             f"{mine!r}; rebuild the index or leave the option out")
+        raise InputError(f"{src}: built with {name} = {theirs!r}, but this run asks for "
+                         f"{mine!r}; rebuild the index or leave the option out")
     ps = table.pixel_size_angstrom
     if not np.allclose(ps, ps[0], rtol=1e-4):
         raise InputError(f"{table.path}: optics groups have different pixel sizes; "
@@ -913,6 +665,300 @@ def check_reference_set(table: ParticleTable, images: ParticleImages, refset: Re
     return pixel_size
 
 
+def progress_counter(progress: Callable[[str, int, int], None] | None, step: str,
+                     total: int) -> Callable[[int], None]:
+    """An increment callback ``add(m)`` feeding ``progress(step, done, total)``."""
+    done = [0]
+
+    def add(m: int) -> None:
+        done[0] += m
+        if progress is not None:
+            progress(step, done[0], total)
+
+    return add
+
+
+@dataclass(frozen=True)
+class AlignmentPlan:
+    """What an alignment will do, fixed after the checks and before any long work.
+
+    Attributes
+    ----------
+    pixel_size_angstrom : float
+        Particle pixel size (Å/px).
+    box_size : int
+        ``N`` (px).
+    rows : np.ndarray
+        `(m,)` STAR rows aligned, in result order.
+    device : str
+        Torch device actually used.
+    sampling : Sampling
+        The sampling plan.
+    disc : Disc
+        Coefficient selection of the global search.
+    reference : MapData
+        `(N, N, N)` map at the particles' pixel size.
+    refset : ReferenceSet or None
+        A prebuilt reference set (on ``device``), else built by the alignment.
+    ctf_mode : str
+        ``wiener``, ``reference`` or ``none`` (``auto`` resolved).
+    ctf : CtfParams or None
+        Per-particle CTF (STAR rows), unless ``ctf_mode`` is ``none``.
+    """
+
+    pixel_size_angstrom: float
+    box_size: int
+    rows: np.ndarray
+    device: str
+    sampling: Sampling
+    disc: Disc
+    reference: MapData
+    refset: ReferenceSet | None
+    ctf_mode: str
+    ctf: CtfParams | None
+
+
+@dataclass(frozen=True)
+class ParticleQueries:
+    """The particles as search vectors, and the noise spectra that weighted them.
+
+    Attributes
+    ----------
+    corrected : torch.Tensor
+        `(m, dim)` vectors for the global search (Wiener-corrected in ``wiener`` mode).
+    raw : torch.Tensor
+        `(m, dim)` vectors as recorded (CTF re-scoring, local search).
+    noise : NoiseSpectrum or None
+        Spectra of the weighting.
+    weights : torch.Tensor or None
+        `(1, n_coeff)` pooled weights applied to both sides of the global search.
+    own_noise : bool
+        The spectra were estimated from these particles (per-group local weights).
+    """
+
+    corrected: torch.Tensor
+    raw: torch.Tensor
+    noise: NoiseSpectrum | None
+    weights: torch.Tensor | None
+    own_noise: bool
+
+
+def _check_defocus(table: ParticleTable, ctf: CtfParams) -> None:
+    """Refuse a non-positive ``rlnDefocusU`` (naming the particle)."""
+    if (ctf.defocus_u_angstrom <= 0).any():
+        i = int(np.argmax(ctf.defocus_u_angstrom <= 0))
+        raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
+                         f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
+
+
+def plan_alignment(table: ParticleTable, images: ParticleImages,
+                   reference: MapData | ReferenceSet, config: AlignConfig,
+                   rows: np.ndarray | None = None) -> AlignmentPlan:
+    """Check stage: every cheap check, then the frozen plan of the alignment.
+
+    Parameters
+    ----------
+    table, images, reference, config, rows
+        As for :func:`align_particles`.
+
+    Returns
+    -------
+    AlignmentPlan
+
+    Raises
+    ------
+    InputError
+        See :func:`check_inputs`, :func:`check_reference_set`,
+        :func:`plan_reference_set` and :func:`ctf_params_from_table`.
+    """
+    config.symmetry_checked()
+    device = resolve_device(config.device)
+    refset: ReferenceSet | None = None
+    if isinstance(reference, ReferenceSet):
+        pixel_size = check_reference_set(table, images, reference, config)
+        refset = reference.to(device)
+        sampling, disc, ref_map = refset.sampling, refset.disc, refset.reference
+    else:
+        pixel_size, ref_map = check_inputs(table, images, reference)
+        check_reference_symmetry(ref_map.data, config.symmetry, pixel_size_angstrom=pixel_size,
+                                 resolution_angstrom=config.resolution_angstrom,
+                                 force=config.force_symmetry, name=str(ref_map.path))
+        sampling, disc = plan_reference_set(config, pixel_size, images.box_size)
+    ctf_mode = resolve_ctf_mode(config.ctf_mode, config.resolution_angstrom)
+    if refset is not None and refset.index is not None and ctf_mode == "reference":
+        ctf_mode = "wiener"  # a prebuilt index holds references without CTF
+    ctf = ctf_params_from_table(table) if ctf_mode != "none" else None
+    if ctf is not None:
+        _check_defocus(table, ctf)
+    star_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    return AlignmentPlan(pixel_size, images.box_size, star_rows, device, sampling, disc,
+                         ref_map, refset, ctf_mode, ctf)
+
+
+def particle_queries(table: ParticleTable, images: ParticleImages, plan: AlignmentPlan,
+                     config: AlignConfig, *, noise: NoiseSpectrum | None = None,
+                     initial_shift_yx_px: np.ndarray | None = None,
+                     progress: Callable[[str, int, int], None] | None = None,
+                     timings: dict[str, float] | None = None) -> ParticleQueries:
+    """Query stage: noise weights (estimated here if needed) and the particle vectors.
+
+    Parameters
+    ----------
+    table, images, config, noise, initial_shift_yx_px, progress
+        As for :func:`align_particles`.
+    plan : AlignmentPlan
+        From :func:`plan_alignment`.
+    timings : dict, optional
+        Receives the seconds of ``noise`` and ``particles``.
+
+    Returns
+    -------
+    ParticleQueries
+    """
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    weights = None
+    own_noise = False
+    if config.weighting != "none":
+        if plan.refset is not None and plan.refset.noise is not None:
+            noise = plan.refset.noise
+        elif noise is None:
+            noise = noise_spectrum_for(
+                table, images, plan.rows, pixel_size_angstrom=plan.pixel_size_angstrom,
+                particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
+                device=plan.device)
+            own_noise = True
+        weights = coefficient_weights(noise.pooled(), plan.disc.to(plan.device), config.weighting)
+        timings["noise"] = time.perf_counter() - t0
+    corrected, raw = particle_vectors(
+        images, plan.disc, ctf=plan.ctf if plan.ctf_mode == "wiener" else None,
+        pixel_size_angstrom=plan.pixel_size_angstrom, metric=config.metric,
+        wiener_constant=config.wiener_constant, device=plan.device, rows=plan.rows,
+        recentre_shift_yx_px=initial_shift_yx_px,
+        progress=progress_counter(progress, "particles", len(plan.rows)),
+        coefficient_weights=weights)
+    timings["particles"] = time.perf_counter() - t0 - timings.get("noise", 0.0)
+    return ParticleQueries(corrected, raw, noise, weights, own_noise)
+
+
+def global_search(plan: AlignmentPlan, refset: ReferenceSet, queries: ParticleQueries,
+                  config: AlignConfig, *, trained_index: TrainedIndex | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
+    """Search stage: the candidates of every particle in the gallery (or prebuilt index).
+
+    With a CTF the index proposes ``max(k, ctf_candidates)`` candidates that
+    :func:`swiftalign.ctf_groups.rescore_with_ctf` decides among; in ``reference``
+    CTF mode the gallery is searched per defocus group.
+
+    Parameters
+    ----------
+    plan : AlignmentPlan
+        From :func:`plan_alignment`.
+    refset : ReferenceSet
+        References (gallery, optionally a populated index).
+    queries : ParticleQueries
+        From :func:`particle_queries`.
+    config : AlignConfig
+        Search settings.
+    trained_index : TrainedIndex, optional
+        An index trained already, only populated here.
+    progress : callable, optional
+        ``progress(step, done, total)``.
+
+    Returns
+    -------
+    SearchResult
+        `(m, c)` candidate ids and distances.
+    """
+    settings = index_settings(config)
+    n_candidates = max(config.k, config.ctf_candidates) if plan.ctf is not None else config.k
+    if refset.index is not None:
+        result = query_index(refset.index, queries.corrected, k=n_candidates, settings=settings,
+                             progress=progress)
+        # building the index is not part of this run
+        result.timings.update({"train": 0.0, "populate": 0.0, "tune": 0.0})
+        return result
+    groups = pool = None
+    if plan.ctf_mode == "reference" and plan.ctf is not None:
+        groups = ctf_groups(plan.ctf.subset(plan.rows), plan.disc,
+                            pixel_size_angstrom=plan.pixel_size_angstrom,
+                            max_phase_rad=config.ctf_group_phase_rad, device=plan.device)
+        pool = torch.stack([g[1] for g in groups])
+        log.info("reference CTF mode: %d CTF groups", len(groups))
+    return search_gallery(refset.gallery, queries.corrected, k=n_candidates, settings=settings,
+                          ctf_groups=groups, ctf_disc_pool=pool, device=plan.device,
+                          trained=trained_index, progress=progress)
+
+
+def _local_resolution_and_rounds(plan: AlignmentPlan, config: AlignConfig,
+                                 local_resolution_angstrom: float | None) -> tuple[float, int]:
+    """Resolution (Å) and rounds of the local refinement (0: none)."""
+    rounds = config.local_rounds
+    if local_resolution_angstrom is None:
+        # --local-rounds 0 keeps the local refinement off
+        local_resolution_angstrom = config.resolution_angstrom if rounds == 0 else max(
+            config.resolution_angstrom * config.local_resolution_factor,
+            2.0 * plan.pixel_size_angstrom)
+    if local_resolution_angstrom >= config.resolution_angstrom:
+        return config.resolution_angstrom, rounds
+    fine_step = angular_step_deg(local_resolution_angstrom, plan.pixel_size_angstrom,
+                                 plan.box_size)
+    rounds = max(rounds, int(math.ceil(math.log2(plan.sampling.angular_step_deg / fine_step))) + 1)
+    return local_resolution_angstrom, rounds
+
+
+def local_stage(table: ParticleTable, images: ParticleImages, plan: AlignmentPlan,
+                config: AlignConfig, queries: ParticleQueries, poses: tuple[np.ndarray, ...], *,
+                local_resolution_angstrom: float | None = None,
+                initial_shift_yx_px: np.ndarray | None = None,
+                progress: Callable[[str, int, int], None] | None = None,
+                timings: dict[str, float] | None = None) -> None:
+    """Local stage: refine the best match of every particle in place (:func:`refine_local`).
+
+    Parameters
+    ----------
+    table, images, config, local_resolution_angstrom, initial_shift_yx_px, progress
+        As for :func:`align_particles`.
+    plan : AlignmentPlan
+        From :func:`plan_alignment` (``sampling`` with the steps searched).
+    queries : ParticleQueries
+        From :func:`particle_queries`.
+    poses : tuple of np.ndarray
+        ``(euler_deg (m, k, 3), shift_yx_px (m, k, 2), distance (m, k))``; the best
+        match (``[:, 0]``) is replaced.
+    timings : dict, optional
+        Receives the seconds of ``local``.
+    """
+    local_res, rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)
+    if rounds == 0:
+        return
+    t0 = time.perf_counter()
+    euler, shift, dist = poses
+    noise = None
+    if queries.weights is not None and queries.noise is not None:
+        noise = queries.noise if queries.own_noise else queries.noise.pooled()
+    same_disc = config.transform == "dft" and local_res == config.resolution_angstrom
+    local = prepare_local(
+        images, plan.rows, resolution_angstrom=local_res,
+        pixel_size_angstrom=plan.pixel_size_angstrom, metric=config.metric, device=plan.device,
+        noise=noise, weighting=config.weighting, optics_group=table.optics_group[plan.rows],
+        recentre_shift_yx_px=initial_shift_yx_px,
+        reusable_queries=queries.raw if same_disc else None)
+    e1, s1, d1 = refine_local(
+        VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device)),
+        local.queries, euler[:, 0], shift[:, 0], disc=local.disc, metric=config.metric,
+        angle_step_deg=plan.sampling.angular_step_deg / 2.0,
+        shift_step_px=plan.sampling.shift_step_px / 2.0, rounds=rounds,
+        ctf=plan.ctf.subset(plan.rows) if plan.ctf is not None else None,
+        pixel_size_angstrom=plan.pixel_size_angstrom,
+        progress=progress_counter(progress, "local search", len(plan.rows) * rounds),
+        coefficient_weights=local.weights,
+    )
+    euler[:, 0], shift[:, 0], dist[:, 0] = e1, s1, d1
+    if timings is not None:
+        timings["local"] = time.perf_counter() - t0
+
+
 def align_particles(
     table: ParticleTable,
     images: ParticleImages,
@@ -927,6 +973,12 @@ def align_particles(
     noise: NoiseSpectrum | None = None,
 ) -> AlignmentResult:
     """Align particles against the reference.
+
+    The stages: check and plan (:func:`plan_alignment`) → queries
+    (:func:`particle_queries`) → references (:func:`build_reference_set` unless
+    given) → search (:func:`global_search`) → CTF re-scoring
+    (:func:`swiftalign.ctf_groups.rescore_with_ctf`) → local refinement
+    (:func:`local_stage`).
 
     Parameters
     ----------
@@ -976,195 +1028,37 @@ def align_particles(
         :func:`ctf_params_from_table`.
     """
     timings: dict[str, float] = {}
-    config.symmetry_checked()
-    device = resolve_device(config.device)
-    if isinstance(reference, ReferenceSet):
-        pixel_size = check_reference_set(table, images, reference, config)
-        refset: ReferenceSet | None = reference.to(device)
-        sampling, disc = refset.sampling, refset.disc
-        reference = refset.reference
-    else:
-        pixel_size, reference = check_inputs(table, images, reference)
-        check_reference_symmetry(reference.data, config.symmetry, pixel_size_angstrom=pixel_size,
-                                 resolution_angstrom=config.resolution_angstrom,
-                                 force=config.force_symmetry, name=str(reference.path))
-        refset = None
-        sampling, disc = plan_reference_set(config, pixel_size, images.box_size)
-    box = images.box_size
-    ctf_mode = resolve_ctf_mode(config.ctf_mode, config.resolution_angstrom)
-    if refset is not None and refset.index is not None and ctf_mode == "reference":
-        ctf_mode = "wiener"  # a prebuilt index holds references without CTF
-    ctf = ctf_params_from_table(table) if ctf_mode != "none" else None
-    if ctf is not None and (ctf.defocus_u_angstrom <= 0).any():
-        i = int(np.argmax(ctf.defocus_u_angstrom <= 0))
-        raise InputError(f"{table.path}: particle {i + 1} has rlnDefocusU = "
-                         f"{ctf.defocus_u_angstrom[i]} Å (must be positive, underfocus)")
-
-    def step_progress(name: str, total: int):
-        done = [0]
-
-        def cb(m: int) -> None:
-            done[0] += m
-            if progress is not None:
-                progress(name, done[0], total)
-
-        return cb
-
-    star_rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    n_particles = len(star_rows)
-    t0 = time.perf_counter()
-    weights = None
-    own_noise = False  # spectra estimated from these particles (per-group local weights)
-    if config.weighting != "none":
-        if refset is not None and refset.noise is not None:
-            noise = refset.noise
-        elif noise is None:
-            noise = noise_spectrum_for(
-                table, images, star_rows, pixel_size_angstrom=pixel_size,
-                particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
-                device=device)
-            own_noise = True
-        weights = coefficient_weights(noise.pooled(), disc.to(device), config.weighting)
-        timings["noise"] = time.perf_counter() - t0
-    queries, raw_queries = particle_vectors(
-        images,
-        disc,
-        ctf=ctf if ctf_mode == "wiener" else None,
-        pixel_size_angstrom=pixel_size,
-        metric=config.metric,
-        wiener_constant=config.wiener_constant,
-        device=device,
-        rows=star_rows,
-        recentre_shift_yx_px=initial_shift_yx_px,
-        progress=step_progress("particles", n_particles),
-        coefficient_weights=weights,
-    )
-    timings["particles"] = time.perf_counter() - t0 - timings.get("noise", 0.0)
-
+    plan = plan_alignment(table, images, reference, config, rows)
+    queries = particle_queries(table, images, plan, config, noise=noise,
+                               initial_shift_yx_px=initial_shift_yx_px, progress=progress,
+                               timings=timings)
+    refset = plan.refset
     if refset is None:
-        refset = build_reference_set(reference, config, pixel_size_angstrom=pixel_size,
-                                     noise=noise, progress=progress)
-        sampling = refset.sampling
+        refset = build_reference_set(plan.reference, config,
+                                     pixel_size_angstrom=plan.pixel_size_angstrom,
+                                     noise=queries.noise, progress=progress)
+    plan = dataclasses.replace(plan, sampling=refset.sampling)
     timings.update(refset.timings)
-    gallery = refset.gallery
-    settings = index_settings(config)
-    # With a CTF, the index proposes candidates and the particle's own CTF
-    # decides among them (exact forward model, no Wiener bias).
-    n_candidates = max(config.k, config.ctf_candidates) if ctf is not None else config.k
-    if refset.index is not None:
-        result = query_index(refset.index, queries, k=n_candidates, settings=settings,
-                             progress=progress)
-        # building the index is not part of this run
-        result.timings.update({"train": 0.0, "populate": 0.0, "tune": 0.0})
-    else:
-        ctf_groups = None
-        ctf_pool = None
-        if ctf_mode == "reference":
-            ctf_groups = _ctf_groups(
-                ctf.subset(star_rows), disc, pixel_size_angstrom=pixel_size,
-                max_phase_rad=config.ctf_group_phase_rad, device=device,
-            )
-            ctf_pool = torch.stack([g[1] for g in ctf_groups])
-            log.info("reference CTF mode: %d CTF groups", len(ctf_groups))
-        result = search_gallery(
-            gallery,
-            queries,
-            k=n_candidates,
-            settings=settings,
-            ctf_groups=ctf_groups,
-            ctf_disc_pool=ctf_pool,
-            device=device,
-            trained=trained_index,
-            progress=progress,
-        )
+    result = global_search(plan, refset, queries, config, trained_index=trained_index,
+                           progress=progress)
     timings.update(result.timings)
-    ids, dist_t = result.ids, result.distances
-    if ctf is not None:
+    ids, distances = result.ids, result.distances
+    if plan.ctf is not None:
         t0 = time.perf_counter()
-        out_i, out_d = [], []
-        step = 4096
-        for start in range(0, n_particles, step):
-            pos = np.arange(start, min(n_particles, start + step))
-            cdisc = particle_ctf_disc(ctf, star_rows[pos], disc, pixel_size_angstrom=pixel_size,
-                                      device=device)
-            d, i = rescore(
-                gallery, raw_queries[pos], torch.as_tensor(ids[pos]), config.k,
-                ctf_disc=cdisc,
-            )
-            out_d.append(d.cpu().numpy())
-            out_i.append(i.cpu().numpy())
-        ids, dist_t = np.concatenate(out_i), np.concatenate(out_d)
+        ids, distances = rescore_with_ctf(
+            refset.gallery, queries.raw, ids, plan.ctf, plan.rows, plan.disc, k=config.k,
+            pixel_size_angstrom=plan.pixel_size_angstrom, device=plan.device)
         timings["ctf_rescore"] = time.perf_counter() - t0
-    euler, shift = gallery.poses(ids)
-    dist = dist_t.astype(np.float64)
-    del gallery
-    refset = None  # frees a gallery built here (a prebuilt one stays with the caller)
-    rounds = config.local_rounds
-    if local_resolution_angstrom is None:
-        # --local-rounds 0 keeps the local refinement off
-        local_resolution_angstrom = config.resolution_angstrom if rounds == 0 else max(
-            config.resolution_angstrom * config.local_resolution_factor, 2.0 * pixel_size)
-    local_res = config.resolution_angstrom
-    if local_resolution_angstrom < config.resolution_angstrom:
-        local_res = local_resolution_angstrom
-        fine_step = angular_step_deg(local_resolution_angstrom, pixel_size, box)
-        rounds = max(rounds, int(math.ceil(math.log2(sampling.angular_step_deg / fine_step))) + 1)
-    if rounds > 0:
-        t0 = time.perf_counter()
-        # the local search always compares Fourier-disc (dft) coefficients; with noise
-        # weighting from these particles each one uses its own optics group's weights
-        local_disc = make_disc(box, min(pixel_size / local_res, 0.5))
-        local_w = group_of = None
-        if weights is not None:
-            local_noise = noise if own_noise else noise.pooled()
-            local_w = coefficient_weights(local_noise, local_disc.to(device), config.weighting)
-            if local_w.shape[0] > 1:
-                og = (table.particles["rlnOpticsGroup"].to_numpy()[star_rows]
-                      if "rlnOpticsGroup" in table.particles else np.ones(n_particles, int))
-                group_of = np.searchsorted(noise.groups, og)
-        if local_disc.transform == disc.transform and local_res == config.resolution_angstrom \
-                and group_of is None:
-            local_queries = raw_queries
-        else:
-            _, local_queries = particle_vectors(
-                images, local_disc, ctf=None, pixel_size_angstrom=pixel_size,
-                metric=config.metric, device=device, rows=star_rows,
-                recentre_shift_yx_px=initial_shift_yx_px, coefficient_weights=local_w,
-                weight_group=group_of,
-            )
-        if local_w is not None:
-            local_w = local_w[0] if group_of is None else local_w[
-                torch.as_tensor(group_of, device=device)]
-        e1, s1, d1 = refine_local(
-            VolumeSpectrum(torch.as_tensor(reference.data, device=device)),
-            local_queries,
-            euler[:, 0],
-            shift[:, 0],
-            disc=local_disc,
-            metric=config.metric,
-            angle_step_deg=sampling.angular_step_deg / 2.0,
-            shift_step_px=sampling.shift_step_px / 2.0,
-            rounds=rounds,
-            ctf=ctf.subset(star_rows) if ctf is not None else None,
-            pixel_size_angstrom=pixel_size,
-            progress=step_progress("local search", n_particles * rounds),
-            coefficient_weights=local_w,
-        )
-        euler[:, 0], shift[:, 0], dist[:, 0] = e1, s1, d1
-        timings["local"] = time.perf_counter() - t0
+    euler, shift = refset.gallery.poses(ids)
+    dist = distances.astype(np.float64)
+    del refset  # frees a gallery built here (a prebuilt one stays with the caller)
+    local_stage(table, images, plan, config, queries, (euler, shift, dist),
+                local_resolution_angstrom=local_resolution_angstrom,
+                initial_shift_yx_px=initial_shift_yx_px, progress=progress, timings=timings)
     if initial_shift_yx_px is not None:
         shift = shift + np.asarray(initial_shift_yx_px)[:, None, :]
     score = 1.0 - dist / 2.0 if config.metric in ("cosine", "pearson") else -dist
-    return AlignmentResult(
-        euler_deg=euler,
-        shift_yx_px=shift,
-        distance=dist,
-        score=score,
-        sampling=sampling,
-        search=result,
-        pixel_size_angstrom=pixel_size,
-        box_size=box,
-        timings=timings,
-        ctf_mode=ctf_mode,
-        noise=noise,
-    )
+    return AlignmentResult(euler_deg=euler, shift_yx_px=shift, distance=dist, score=score,
+                           sampling=plan.sampling, search=result,
+                           pixel_size_angstrom=plan.pixel_size_angstrom, box_size=plan.box_size,
+                           timings=timings, ctf_mode=plan.ctf_mode, noise=queries.noise)

@@ -304,7 +304,7 @@ def refine(
                           symmetry=symmetry, **options)
     table = _as_table(particles, angpix)
     items: list[MapLike] = (list(reference) if isinstance(reference, Sequence)
-                            and not isinstance(reference, str) else [reference])  # type: ignore[list-item]
+                            and not isinstance(reference, str) else [reference])
     refs = [_as_map(r, _array_voxel(r, voxel_size_angstrom, table)) for r in items]
     for r in refs:
         if r.data.ndim != 3 or len(set(r.data.shape)) != 1:
@@ -314,7 +314,8 @@ def refine(
     with images:
         outcome = run_refinement(table, images, refs, output_dir, config, resume=resume,
                                  progress=progress, record=_record("swiftalign.refine"))
-    return _read_final(Path(output_dir), len(refs), outcome)
+    return _read_final(Path(output_dir), len(refs), {
+        "resolution_angstrom": outcome.resolution_angstrom, "history": outcome.history})
 
 
 def read_refinement(output_dir: str | Path) -> RefineResult:

@@ -247,7 +247,7 @@ def euler_to_cryosparc_pose(euler_deg: np.ndarray) -> np.ndarray:
 
 
 def cryosparc_pose_to_euler(pose_rad: np.ndarray) -> np.ndarray:
-    """cryoSPARC ``alignments3D/pose`` axis-angle vectors to RELION ZYZ Euler angles.
+    """CryoSPARC ``alignments3D/pose`` axis-angle vectors to RELION ZYZ Euler angles.
 
     Parameters
     ----------

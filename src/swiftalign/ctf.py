@@ -60,6 +60,16 @@ class CtfParams:
         "scale",
     )
 
+    defocus_u_angstrom: np.ndarray
+    defocus_v_angstrom: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor_angstrom2: np.ndarray
+    scale: np.ndarray
+
     def __init__(
         self,
         defocus_u_angstrom,

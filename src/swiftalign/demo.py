@@ -24,40 +24,31 @@ import numpy as np
 
 
 def _data(name: str) -> Path:
+    """A file bundled in ``swiftalign/data``."""
     return Path(str(files("swiftalign") / "data" / name))
 
 
-def main(out_dir: str = "demo_output") -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from swiftalign.alignment import AlignConfig, align_particles
-    from swiftalign.cli.evaluate import print_summary
-    from swiftalign.evaluate import summarise, symmetric_angular_error_deg
-    from swiftalign.io import ParticleImages, read_map, read_particles
-    from swiftalign.sampling import angular_step_deg
+def _simulate(console, out: Path, ref, symmetry: str):
+    """Stage 1: 2,000 simulated particles (C4, −10 dB, CTF) → (STAR path, truth)."""
     from swiftalign.simulate import SimulationConfig, simulate_particles, write_dataset
-
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.WARNING)
-    console = Console()
-    t_all = time.perf_counter()
-    out = Path(out_dir)
-    ref = read_map(_data("trpv1_volume.mrc"))
-    ps = ref.voxel_size_angstrom
-    box = ref.data.shape[0]
-    resolution, symmetry = 25.0, "C4"
-    console.rule("swiftalign demo: TRPV1 (C4), 48 px at 4.88 Å/px")
 
     t0 = time.perf_counter()
     sim = SimulationConfig(n_particles=2000, snr_db=-10.0, symmetry=symmetry, seed=2023)
     images, truth = simulate_particles(ref, sim)
-    star = write_dataset(out / "simulated", images, truth, pixel_size_angstrom=ps, config=sim)
+    star = write_dataset(out / "simulated", images, truth,
+                         pixel_size_angstrom=ref.voxel_size_angstrom, config=sim)
     console.print(f"simulated {len(images)} particles at {sim.snr_db} dB with CTF → {star} "
                   f"({time.perf_counter() - t0:.1f} s)")
+    return star, truth
 
-    table = read_particles(star)
-    dphi = angular_step_deg(resolution, ps, box)
+
+def _align_simulated(table, truth, ref, resolution: float, symmetry: str) -> dict:
+    """Stage 2: exact and IVF-PQ alignments with their errors against the truth."""
+    from swiftalign.alignment import AlignConfig, align_particles
+    from swiftalign.evaluate import print_summary, summarise, symmetric_angular_error_deg
+    from swiftalign.io import ParticleImages
+
+    ps = ref.voxel_size_angstrom
     true_euler = truth[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     true_shift = -truth[["rlnOriginYAngst", "rlnOriginXAngst"]].to_numpy() / ps
     results = {}
@@ -73,11 +64,17 @@ def main(out_dir: str = "demo_output") -> int:
         summary = summarise(err, shift_px * ps, shift_px, res.sampling.angular_step_deg)
         results[label] = (res, summary, wall, res.search.factory)
         print_summary(summary, title=f"{label} ({res.search.factory}): errors against truth")
+    return results
+
+
+def _speed_table(console, results: dict, n_particles: int, dphi: float) -> None:
+    """Stage 2 (cont.): both indexes side by side and the speed ratio."""
+    from rich.table import Table
 
     flat, ivf = results["Flat"], results["IVF-PQ"]
     s = flat[0].sampling
     t = Table(title=f"{s.n_poses:,} reference poses, ΔΦ = {dphi:.2f}°, Δs = "
-                    f"{s.shift_step_px:.2f} px, {len(table)} particles")
+                    f"{s.shift_step_px:.2f} px, {n_particles} particles")
     for col in ("index", "median err (°)", "≤ ΔΦ?", "build (s)", "search (s)",
                 "particles/s", "bytes/pose", "total (s)"):
         t.add_column(col, justify="right")
@@ -86,7 +83,7 @@ def main(out_dir: str = "demo_output") -> int:
         build = tm.get("train", 0) + tm.get("populate", 0) + tm.get("tune", 0)
         med = summ["angular_error_deg"]["median"]
         t.add_row(factory, f"{med:.2f}", "yes" if med <= dphi else "NO", f"{build:.1f}",
-                  f"{tm['query']:.2f}", f"{len(table) / tm['query']:.0f}",
+                  f"{tm['query']:.2f}", f"{n_particles / tm['query']:.0f}",
                   f"{res.search.bytes_per_pose:.0f}" if res.search.bytes_per_pose else "0 (stream)",
                   f"{wall:.1f}")
     console.print(t)
@@ -94,14 +91,23 @@ def main(out_dir: str = "demo_output") -> int:
     console.print(f"speed ratio (query, exact / IVF-PQ): {q_ratio:.1f}x; "
                   f"end to end: {flat[2] / ivf[2]:.2f}x (IVF-PQ build included)")
 
-    # Real particles: the 10 bundled TRPV1 images with their published poses.
+
+def _real_particles(console, ref, resolution: float, symmetry: str, dphi: float) -> None:
+    """Stage 3: the 10 bundled real TRPV1 images against their published poses."""
+    from rich.table import Table
+
+    from swiftalign.alignment import AlignConfig, align_particles
+    from swiftalign.evaluate import symmetric_angular_error_deg
+    from swiftalign.io import ParticleImages, read_particles
+
     real = read_particles(_data("trpv1_particles.star"))
     with ParticleImages(real) as parts:
         res = align_particles(real, parts, ref, AlignConfig(
             resolution_angstrom=resolution, symmetry=symmetry, index="Flat"))
     pub = real.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     diff = symmetric_angular_error_deg(res.euler_deg[:, 0], pub, symmetry)
-    shift_diff = np.hypot(*(res.shift_yx_px[:, 0] - real.origins_shift_px()).T) * ps
+    shift_diff = np.hypot(*(res.shift_yx_px[:, 0] - real.origins_shift_px()).T) \
+        * ref.voxel_size_angstrom
     t = Table(title="10 real TRPV1 particles: difference to the published poses")
     t.add_column("particle", justify="right")
     t.add_column("angle (°)", justify="right")
@@ -111,11 +117,18 @@ def main(out_dir: str = "demo_output") -> int:
     console.print(t)
     console.print(f"real particles: median angular difference {np.median(diff):.1f}° "
                   f"(ΔΦ = {dphi:.2f}°)")
-    # A short gold-standard refinement from the map low-passed to 30 Å.
+
+
+def _refine(console, table, ref, out: Path, symmetry: str) -> None:
+    """Stage 4: a short gold-standard refinement from the map low-passed to 30 Å."""
+    from rich.table import Table
+
     from swiftalign.fsc import lowpass
+    from swiftalign.io import ParticleImages
     from swiftalign.io.mrc import MapData
     from swiftalign.refinement import RefineConfig, run_refinement
 
+    ps = ref.voxel_size_angstrom
     console.rule("refinement: 2,000 simulated particles, start 30 Å")
     init = MapData(lowpass(ref.data, 30.0, ps), ps, ref.path)
     t0 = time.perf_counter()
@@ -126,12 +139,36 @@ def main(out_dir: str = "demo_output") -> int:
     for col in ("iteration", "aligned at (Å)", "FSC 0.143 (Å)", "FSC 0.5 (Å)", "kept",
                 "rejected", "time (s)"):
         t.add_column(col, justify="right")
-    for h in result["history"]:
+    for h in result.history:
         t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
                   f"{h['resolution_angstrom']:.2f}", f"{h['classes'][0]['resolution_05_angstrom']:.2f}",
                   str(h["kept"]), str(h["rejected"]), f"{h['seconds']:.0f}")
     console.print(t)
     console.print(f"Nyquist: {2 * ps:.2f} Å")
+
+
+def main(out_dir: str = "demo_output") -> int:
+    """Run the demo's four stages, writing into ``out_dir``; returns the exit status 0."""
+    from rich.console import Console
+
+    from swiftalign.io import read_map, read_particles
+    from swiftalign.sampling import angular_step_deg
+
+    warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    console = Console()
+    t_all = time.perf_counter()
+    out = Path(out_dir)
+    ref = read_map(_data("trpv1_volume.mrc"))
+    resolution, symmetry = 25.0, "C4"
+    console.rule("swiftalign demo: TRPV1 (C4), 48 px at 4.88 Å/px")
+    star, truth = _simulate(console, out, ref, symmetry)
+    table = read_particles(star)
+    dphi = angular_step_deg(resolution, ref.voxel_size_angstrom, ref.data.shape[0])
+    results = _align_simulated(table, truth, ref, resolution, symmetry)
+    _speed_table(console, results, len(table), dphi)
+    _real_particles(console, ref, resolution, symmetry, dphi)
+    _refine(console, table, ref, out, symmetry)
     console.print(f"demo wall time: {time.perf_counter() - t_all:.1f} s")
     return 0
 

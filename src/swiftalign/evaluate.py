@@ -18,7 +18,8 @@ from swiftalign.errors import InputError
 from swiftalign.io.star import ParticleTable, parse_image_name
 from swiftalign.symmetry import equivalent_poses, symmetry_matrices
 
-__all__ = ["symmetric_angular_error_deg", "PoseErrors", "compare_tables", "summarise"]
+__all__ = ["symmetric_angular_error_deg", "PoseErrors", "compare_tables", "print_summary",
+           "summarise"]
 
 
 def symmetric_angular_error_deg(
@@ -145,3 +146,25 @@ def compare_tables(
     shift_px = np.hypot(*(sa - st[idx]).T)
     ps = aligned.pixel_size_angstrom
     return PoseErrors(ang, shift_px * ps, shift_px, angular_step_deg)
+
+
+def print_summary(summary: dict, title: str = "pose errors") -> None:
+    """Print a :func:`summarise` result as a table (median, mean, p90) to stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("quantity")
+    for col in ("median", "mean", "p90"):
+        table.add_column(col, justify="right")
+    for key, label in (
+        ("angular_error_deg", "angular error (°)"),
+        ("shift_error_angstrom", "shift error (Å)"),
+        ("shift_error_px", "shift error (px)"),
+    ):
+        v = summary[key]
+        table.add_row(label, f"{v['median']:.2f}", f"{v['mean']:.2f}", f"{v['p90']:.2f}")
+    Console().print(table)
+    if "fraction_within_step" in summary:
+        print(f"fraction within ΔΦ = {summary['angular_step_deg']:.2f}°: "
+              f"{summary['fraction_within_step']:.3f}")

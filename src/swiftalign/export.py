@@ -105,8 +105,10 @@ def _finite_column(table, name: str, default: float | None = None) -> np.ndarray
 
 
 def _image_locations(table, relative_to: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """`(n,)` stack paths (relative to ``relative_to``; absolute when None) and `(n,)`
-    0-based indices."""
+    """`(n,)` stack paths and `(n,)` 0-based indices in them.
+
+    Paths are relative to ``relative_to``, absolute when it is None.
+    """
     from swiftalign.io.star import parse_image_name
 
     names = pd.Series(table.image_names())

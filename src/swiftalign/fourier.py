@@ -81,6 +81,7 @@ class Disc:
 
     @property
     def n_coeff(self) -> int:
+        """Coefficients in the disc."""
         return int(self.flat_indices.numel())
 
     @property

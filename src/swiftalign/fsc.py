@@ -418,7 +418,7 @@ def solvent_mask_fraction(mask: np.ndarray) -> float:
 
 
 def guinier_log_amplitudes(volume: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """ln of the mean Fourier amplitude per shell, as in RELION's Guinier plot.
+    """Ln of the mean Fourier amplitude per shell, as in RELION's Guinier plot.
 
     Parameters
     ----------

@@ -111,8 +111,10 @@ class Gallery:
     _ramps: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def shift_ramps(self) -> torch.Tensor:
-        """`(n_shifts, n_coeff)` complex64 phase ramps of the shift grid on the disc (cached:
-        regenerating candidates then costs one multiplication, no trigonometry)."""
+        """`(n_shifts, n_coeff)` complex64 phase ramps of the shift grid on the disc.
+
+        Cached: regenerating candidates then costs one multiplication, no trigonometry.
+        """
         if self._ramps is None or self._ramps.device != self.coeffs.device:
             shifts = torch.as_tensor(self.shifts_yx_px, dtype=torch.float32,
                                      device=self.coeffs.device)
@@ -121,6 +123,7 @@ class Gallery:
 
     @property
     def n_images(self) -> int:
+        """Rotated images (directions × in-plane angles)."""
         return int(self.coeffs.shape[0])
 
     @property
@@ -172,10 +175,12 @@ class Gallery:
 
     @property
     def n_shifts(self) -> int:
+        """Shifts of the grid."""
         return int(self.shifts_yx_px.shape[0])
 
     @property
     def n_poses(self) -> int:
+        """Reference poses: images × shifts."""
         return self.n_images * self.n_shifts
 
     def poses(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

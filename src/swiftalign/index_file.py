@@ -327,6 +327,53 @@ def read_header(path: str | Path) -> IndexHeader:
         raise InputError(f"{path}: corrupt index manifest ({exc})") from None
 
 
+def _read_contents(path: Path) -> tuple[dict, dict[str, np.ndarray], bytes | None]:
+    """Manifest, arrays and serialised FAISS index (None if absent) of an index file.
+
+    Raises
+    ------
+    InputError
+        Missing, foreign, newer-version or corrupt file.
+    """
+    with _open_zip(path) as zf:
+        manifest = _manifest(path, zf)
+        check_members(path, zf, manifest)
+        arrays = {}
+        try:
+            for name in _ARRAYS:
+                arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")), allow_pickle=False)
+            if manifest_config(manifest).get("weighting", "none") != "none":
+                for name in _NOISE_ARRAYS:
+                    arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")),
+                                           allow_pickle=False)
+            faiss_bytes = zf.read("faiss.index") if "faiss.index" in zf.namelist() else None
+        except KeyError as exc:
+            raise InputError(f"{path}: corrupt index file (missing {exc.args[0]})") from None
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise InputError(f"{path}: corrupt index file ({exc})") from None
+    return manifest, arrays, faiss_bytes
+
+
+def _faiss_index(path: Path, faiss_bytes: bytes, n_poses: int):
+    """The FAISS index of an index file, checked to hold one vector per pose.
+
+    Raises
+    ------
+    InputError
+        Not a FAISS index, or another number of vectors than ``n_poses``.
+    """
+    import faiss
+
+    try:
+        raw = faiss.deserialize_index(np.frombuffer(faiss_bytes, dtype=np.uint8).copy())
+    except RuntimeError as exc:
+        raise InputError(f"{path}: corrupt FAISS index ({exc})") from None
+    if raw.ntotal != n_poses:
+        raise InputError(f"{path}: corrupt index file (FAISS index holds {raw.ntotal} "
+                         f"vectors, the gallery {n_poses} poses)")
+    return raw
+
+
 def load_reference_index(path: str | Path, *, device: str = "cpu"):
     """Read an index file back into a :class:`~swiftalign.alignment.ReferenceSet`.
 
@@ -355,22 +402,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
     from swiftalign.search import PopulatedIndex, TrainedIndex
 
     path = Path(path)
-    with _open_zip(path) as zf:
-        manifest = _manifest(path, zf)
-        check_members(path, zf, manifest)
-        arrays = {}
-        try:
-            for name in _ARRAYS:
-                arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")), allow_pickle=False)
-            if manifest_config(manifest).get("weighting", "none") != "none":
-                for name in _NOISE_ARRAYS:
-                    arrays[name] = np.load(io.BytesIO(zf.read(f"{name}.npy")),
-                                           allow_pickle=False)
-            faiss_bytes = zf.read("faiss.index") if "faiss.index" in zf.namelist() else None
-        except KeyError as exc:
-            raise InputError(f"{path}: corrupt index file (missing {exc.args[0]})") from None
-        except (zipfile.BadZipFile, ValueError, OSError) as exc:
-            raise InputError(f"{path}: corrupt index file ({exc})") from None
+    manifest, arrays, faiss_bytes = _read_contents(path)
     try:
         config = AlignConfig(**manifest_config(manifest))
         sampling = Sampling(**manifest["sampling"])
@@ -409,16 +441,8 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
     )
     trained = None
     if faiss_bytes is not None:
-        import faiss
-
-        try:
-            raw = faiss.deserialize_index(np.frombuffer(faiss_bytes, dtype=np.uint8).copy())
-        except RuntimeError as exc:
-            raise InputError(f"{path}: corrupt FAISS index ({exc})") from None
-        if raw.ntotal != gallery.n_poses:
-            raise InputError(f"{path}: corrupt index file (FAISS index holds {raw.ntotal} "
-                             f"vectors, the gallery {gallery.n_poses} poses)")
-        trained = TrainedIndex.from_faiss(raw, factory, disc.dim, device=device,
+        trained = TrainedIndex.from_faiss(_faiss_index(path, faiss_bytes, gallery.n_poses),
+                                          factory, disc.dim, device=device,
                                           gpu_float16=config.gpu_float16)
     elif factory != "Flat":
         raise InputError(f"{path}: corrupt index file (factory {factory} but no faiss.index)")

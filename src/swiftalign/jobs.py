@@ -57,8 +57,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def lock_path_for(output: str | Path, *, folder: bool | None = None) -> Path:
-    """The lock file of an output: ``DIR/.swiftalign.lock`` for a folder, ``.NAME.lock`` beside a
-    file (``folder=None``: a folder when ``output`` is an existing folder)."""
+    """The lock file of an output.
+
+    ``DIR/.swiftalign.lock`` for a folder, ``.NAME.lock`` beside a file
+    (``folder=None``: a folder when ``output`` is an existing folder).
+    """
     output = Path(output)
     if folder is None:
         folder = output.is_dir()

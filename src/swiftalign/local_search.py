@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,12 +32,104 @@ from swiftalign.fourier import (
     Disc,
     disc_to_vectors,
     extract_disc,
+    make_disc,
     normalise_vectors,
     shift_phase_ramps,
 )
+from swiftalign.io.particles import ParticleImages
+from swiftalign.noise import NoiseSpectrum, coefficient_weights
 from swiftalign.projection import VolumeSpectrum
+from swiftalign.queries import particle_vectors
 
-__all__ = ["refine_local"]
+__all__ = ["LocalQueries", "prepare_local", "refine_local"]
+
+
+@dataclass(frozen=True)
+class LocalQueries:
+    """Particle vectors for the local refinement and the weights its projections get.
+
+    Attributes
+    ----------
+    disc : Disc
+        Fourier disc (dft) of the local comparison.
+    queries : torch.Tensor
+        `(m, dim)` particle vectors as recorded (no CTF correction), weighted.
+    weights : torch.Tensor or None
+        `(n_coeff,)` shared or `(m, n_coeff)` per-particle coefficient weights.
+    """
+
+    disc: Disc
+    queries: torch.Tensor
+    weights: torch.Tensor | None
+
+
+def prepare_local(
+    images: ParticleImages,
+    rows: np.ndarray,
+    *,
+    resolution_angstrom: float,
+    pixel_size_angstrom: float,
+    metric: str,
+    device: str,
+    noise: NoiseSpectrum | None = None,
+    weighting: str = "none",
+    optics_group: np.ndarray | None = None,
+    recentre_shift_yx_px: np.ndarray | None = None,
+    reusable_queries: torch.Tensor | None = None,
+) -> LocalQueries:
+    """Disc, particle vectors and weights of a local refinement (align and refine alike).
+
+    The local search always compares Fourier-disc (dft) coefficients up to
+    ``resolution_angstrom`` (Nyquist-capped). With noise spectra of several
+    optics groups each particle uses its own group's weights.
+
+    Parameters
+    ----------
+    images : ParticleImages
+        The particles.
+    rows : np.ndarray
+        `(m,)` STAR rows.
+    resolution_angstrom : float
+        Finest resolution compared (Å).
+    pixel_size_angstrom : float
+        Pixel size (Å/px).
+    metric : str
+        ``l2``, ``cosine`` or ``pearson``.
+    device : str
+        Torch device.
+    noise : NoiseSpectrum, optional
+        Spectra for the weights (none: unweighted).
+    weighting : str
+        ``noise`` or ``ssnr`` (:func:`swiftalign.noise.coefficient_weights`).
+    optics_group : np.ndarray, optional
+        `(m,)` optics group of each particle (needed with several spectra).
+    recentre_shift_yx_px : np.ndarray, optional
+        `(m, 2)` known shifts removed before the disc is cut.
+    reusable_queries : torch.Tensor, optional
+        `(m, dim)` vectors already made on this same disc (used when all particles
+        share one weight row).
+
+    Returns
+    -------
+    LocalQueries
+    """
+    disc = make_disc(images.box_size, min(pixel_size_angstrom / resolution_angstrom, 0.5))
+    weights = group_of = None
+    if noise is not None:
+        weights = coefficient_weights(noise, disc.to(device), weighting)
+        if weights.shape[0] > 1 and optics_group is not None:
+            group_of = np.searchsorted(noise.groups, optics_group)
+    if reusable_queries is not None and group_of is None:
+        queries = reusable_queries
+    else:
+        _, queries = particle_vectors(
+            images, disc, ctf=None, pixel_size_angstrom=pixel_size_angstrom, metric=metric,
+            device=device, rows=rows, recentre_shift_yx_px=recentre_shift_yx_px,
+            coefficient_weights=weights, weight_group=group_of)
+    if weights is not None:
+        weights = weights[0] if group_of is None else weights[
+            torch.as_tensor(group_of, device=device)]
+    return LocalQueries(disc, queries, weights)
 
 
 _CENTRE = 13  # index of the zero offset in the 3×3×3 rotation grid
@@ -90,8 +183,10 @@ def _modulation(
     disc: Disc,
     pixel_size_angstrom: float,
 ) -> torch.Tensor | None:
-    """`(m, n_coeff)` real factor (CTF × coefficient weights) applied to the slices, once
-    per particle for all rounds (``None``: no CTF, no weights)."""
+    """`(m, n_coeff)` real factor (CTF × coefficient weights) applied to the slices.
+
+    Computed once per particle for all rounds (``None``: no CTF, no weights).
+    """
     device = disc.freqs_yx.device
     mod = None
     if ctf is not None:
@@ -115,8 +210,10 @@ def _refine_batch(
     metric: str,
     steps: list[tuple[float, float]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All rounds for one batch of particles: `(m, 3, 3)` matrices, `(m, 2)` shifts in, the
-    refined ones and `(m,)` distances out.
+    """All rounds for one batch of particles.
+
+    `(m, 3, 3)` matrices and `(m, 2)` shifts in; the refined ones and `(m,)`
+    distances out.
 
     Every round slices the 26 rotations around the current centre (the centre's own
     slice is carried over from the round that chose it) and scores them against the 3×3

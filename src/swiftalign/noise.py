@@ -90,8 +90,11 @@ class NoiseSpectrum:
 
 def background_mask(box_size: int, radius_px: float, *, edge_px: float = 3.0,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """`(N, N)` soft background mask: 0 inside ``radius_px`` of pixel ``N // 2``, 1 beyond
-    ``radius_px + edge_px``, raised cosine in between."""
+    """`(N, N)` soft background mask.
+
+    0 inside ``radius_px`` of pixel ``N // 2``, 1 beyond ``radius_px + edge_px``,
+    raised cosine in between.
+    """
     c = box_size // 2
     y = torch.arange(box_size, device=device, dtype=torch.float32) - c
     r = torch.sqrt(y[:, None] ** 2 + y[None, :] ** 2)
@@ -171,8 +174,7 @@ def estimate_noise_power(
             sel = np.sort(rng.choice(sel, max_particles_per_group, replace=False))
         acc_n = torch.zeros(n_shells, dtype=torch.float64, device=device)
         acc_t = torch.zeros_like(acc_n)
-        for start in range(0, len(sel), batch_size):
-            batch = torch.as_tensor(images.read(sel[start:start + batch_size]), device=device)
+        for _, _, batch in images.batches(sel, batch_size, device):
             bg_mean = (batch * mask).sum((-2, -1), keepdim=True) / mask.sum()
             x = batch - bg_mean
             p_bg = (centred_rfft2(x * mask).abs() ** 2).double().sum(0).reshape(-1) * mult
@@ -297,10 +299,9 @@ def estimate_residual_noise_power(
             pos = np.sort(rng.choice(pos, max_particles_per_group, replace=False))
         acc_r = torch.zeros(n_shells, dtype=torch.float64, device=device)
         acc_t = torch.zeros_like(acc_r)
-        for start in range(0, len(pos), batch_size):
-            p = pos[start:start + batch_size]
-            x = extract_disc(centred_rfft2(torch.as_tensor(images.read(rows[p]), device=device)),
-                             disc)
+        for sl, _, batch in images.batches(rows[pos], batch_size, device):
+            p = pos[sl]
+            x = extract_disc(centred_rfft2(batch), disc)
             mats = torch.as_tensor(euler_to_matrix(euler_deg[p]), dtype=torch.float32)
             model = spectrum.slice_disc(mats, disc)
             model = model * shift_phase_ramps(

@@ -1,5 +1,6 @@
-"""Diagnostic plots (matplotlib, Agg, PNG): FSC curves, angular distributions, pose errors,
-refinement progress.
+"""Diagnostic plots (matplotlib, Agg, PNG).
+
+FSC curves, angular distributions, pose errors, refinement progress.
 
 Every ``*_figure`` function returns a :class:`matplotlib.figure.Figure` built
 without ``pyplot`` (no global state, no display needed); write it with

@@ -140,9 +140,11 @@ class VolumeSpectrum:
         return torch.cat(out).to(torch.complex64)
 
     def _grid_sample_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The transform as a `(1, 2, 2N, 2N, N + 1)` real/imaginary volume for
-        :func:`torch.nn.functional.grid_sample` (cached), and the scale and offset that
-        map frequencies (cycles/px, xyz) to its normalised coordinates (align_corners)."""
+        """The transform as a `(1, 2, 2N, 2N, N + 1)` real/imaginary volume (cached).
+
+        For :func:`torch.nn.functional.grid_sample`, with the scale and offset that
+        map frequencies (cycles/px, xyz) to its normalised coordinates (align_corners).
+        """
         if self._layout is None:
             d, h, w = self.rfft.shape
             m = self.padded

@@ -583,10 +583,11 @@ class HalfMapAccumulator:
         self.grids = []  # consumed: the memory goes to the symmetrised copy
         if symmetry_group is not None and len(symmetry_group) > 1:
             both = symmetrise(both, symmetry_group, max_radius=self.box_size + 1.0)
-        kw = {"method": method, "regularisation": regularisation,
-              "gridding_iterations": gridding_iterations}
-        half1, half2 = grid_to_map(both[:3], **kw), grid_to_map(both[3:], **kw)
-        return half1, half2, grid_to_map(both[:3] + both[3:], **kw)
+        def to_map(grid: torch.Tensor) -> np.ndarray:
+            return grid_to_map(grid, method=method, regularisation=regularisation,
+                               gridding_iterations=gridding_iterations)
+
+        return to_map(both[:3]), to_map(both[3:]), to_map(both[:3] + both[3:])
 
 
 def _real_radius(box: int, device) -> torch.Tensor:
@@ -596,8 +597,11 @@ def _real_radius(box: int, device) -> torch.Tensor:
 
 
 def _soft_mask_outside(volume: torch.Tensor, *, width_px: float = 3.0) -> torch.Tensor:
-    """Blend the map beyond radius ``N/2`` into its mean value there (raised cosine over
-    ``width_px``), as RELION's ``softMaskOutsideMap`` does to every reconstruction."""
+    """Blend the map beyond radius ``N/2`` into its mean value there.
+
+    Raised cosine over ``width_px``, as RELION's ``softMaskOutsideMap`` does to every
+    reconstruction.
+    """
     box = volume.shape[0]
     r = _real_radius(box, volume.device)
     outer = box / 2.0 + width_px

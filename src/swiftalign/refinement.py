@@ -33,15 +33,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from swiftalign.alignment import (
     AlignConfig,
@@ -50,43 +49,59 @@ from swiftalign.alignment import (
     check_inputs,
     ctf_params_from_table,
     index_settings,
-    noise_spectrum_for,
-    reference_ctf_pool,
+    progress_counter,
     resolve_ctf_mode,
     resolve_device,
 )
-from swiftalign.consensus import consensus
+from swiftalign.configs import ComputeConfig, NoiseConfig, section
+from swiftalign.consensus import Consensus, consensus
 from swiftalign.conventions import shift_px_to_origin_angstrom
+from swiftalign.ctf import CtfParams
+from swiftalign.ctf_groups import reference_ctf_pool
 from swiftalign.errors import InputError
 from swiftalign.fsc import (
+    FscResult,
     auto_solvent_mask,
     gold_standard_fsc,
     lowpass,
     require_signal,
     write_fsc_star,
 )
-from swiftalign.io.atomic import StagedOutputs, atomic_write
 from swiftalign.io.mrc import MapData, read_map, write_map
 from swiftalign.io.particles import ParticleImages
-from swiftalign.io.star import ParticleTable, write_particles
+from swiftalign.io.star import write_particles
+from swiftalign.io.table import ParticleTable
+from swiftalign.local_search import prepare_local, refine_local
+from swiftalign.noise import NoiseSpectrum
 from swiftalign.plots import (
     angular_distribution_figure,
     fsc_figure_from_result,
     refinement_summary_figure,
     save_figure,
 )
+from swiftalign.projection import VolumeSpectrum
+from swiftalign.queries import noise_spectrum_for
 from swiftalign.reconstruction import HalfMapAccumulator
+from swiftalign.run_folder import RunFolder, load_noise, save_noise, save_npy
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX, angular_step_deg, shift_step_px
 from swiftalign.search import train_index
 from swiftalign.symmetry import check_reference_symmetry, symmetry_matrices
 
-__all__ = ["RefineConfig", "run_refinement"]
+__all__ = ["RefineConfig", "RefineSetup", "RefineState", "IterationResult", "RefinementResult",
+           "refine_iteration", "run_refinement", "write_iteration"]
 
 log = logging.getLogger(__name__)
 
+#: A class and a half set: ``(class index from 0, half 1 or 2)``.
+ClassHalf = tuple[int, int]
 
-class RefineConfig(BaseModel):
-    """Validated refinement parameters (units in the names)."""
+
+class RefineConfig(NoiseConfig, ComputeConfig):
+    """Validated refinement parameters (units in the names).
+
+    Built on the noise and compute sections of :mod:`swiftalign.configs`; the
+    compute fields and ``iterations`` are what ``--continue`` may change.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -106,11 +121,8 @@ class RefineConfig(BaseModel):
     max_shift_later_px: float = Field(default=3.0, ge=0)
     ctf_mode: Literal["auto", "wiener", "reference", "none"] = "wiener"
     weighting: Literal["none", "noise", "ssnr"] = "noise"
-    particle_diameter_angstrom: float | None = Field(default=None, gt=0)
     index: str = "auto"
-    metric: str = "cosine"
-    device: str = "cpu"
-    max_memory_gb: float = 2.0
+    metric: Literal["l2", "cosine", "pearson"] = "cosine"
     reconstruction: Literal["gridding", "wiener"] = "gridding"
     regularisation: float = Field(default=0.01, gt=0)
     seed: int = 0
@@ -118,17 +130,193 @@ class RefineConfig(BaseModel):
     solvent_mask_path: str | None = None
 
 
-def _counter(progress: Callable[[str, int, int], None] | None, step: str,
-             total: int) -> Callable[[int], None]:
-    """An increment callback feeding ``progress(step, done, total)``."""
-    done = [0]
+#: Parameters ``--continue`` may change (they do not change the result): the compute section
+#: and the number of iterations.
+_CONTINUE_MAY_CHANGE = ("iterations", *ComputeConfig.model_fields)
 
-    def add(m: int) -> None:
-        done[0] += m
-        if progress is not None:
-            progress(step, done[0], total)
 
-    return add
+def _check_same_parameters(run_json: Path, config: RefineConfig) -> None:
+    """Refuse to continue a run with parameters other than the ones it was run with."""
+    try:
+        before = json.loads(run_json.read_text())["parameters"]
+    except (OSError, ValueError, KeyError):
+        return  # nothing recorded (older runs): nothing to compare
+    now = config.model_dump()
+    differ = [f"{name} = {before[name]!r} (now {now[name]!r})" for name in now
+              if name in before and name not in _CONTINUE_MAY_CHANGE
+              and before[name] != now[name]]
+    if differ:
+        raise InputError(
+            f"{run_json.parent.parent}: --continue with other options than the run was made "
+            f"with: {'; '.join(differ)}. Give the same options (only --iterations, --device and "
+            "--max-memory may change), or start a new output folder")
+
+
+@dataclass(frozen=True)
+class RefineSetup:
+    """Everything fixed for the whole run, checked before any long work.
+
+    Attributes
+    ----------
+    table : ParticleTable
+        Particles.
+    images : ParticleImages
+        Their images.
+    config : RefineConfig
+        Parameters.
+    references : list of MapData
+        One `(N, N, N)` map per class at the particles' pixel size.
+    pixel_size_angstrom : float
+        Particle pixel size (Å/px).
+    symmetry : str
+        Point group (upper case).
+    symmetry_group : np.ndarray
+        `(G, 3, 3)` its matrices.
+    ctf : CtfParams or None
+        Per-particle CTF (None for ``ctf_mode`` ``none``).
+    halves : np.ndarray
+        `(n,)` half set (1 or 2) of every particle, fixed for the run.
+    mask : np.ndarray or None
+        `(N, N, N)` reference mask.
+    solvent_mask : np.ndarray or None
+        `(N, N, N)` FSC mask (default: automatic per map).
+    """
+
+    table: ParticleTable
+    images: ParticleImages
+    config: RefineConfig
+    references: list[MapData]
+    pixel_size_angstrom: float
+    symmetry: str
+    symmetry_group: np.ndarray
+    ctf: CtfParams | None
+    halves: np.ndarray
+    mask: np.ndarray | None
+    solvent_mask: np.ndarray | None
+
+    @property
+    def n_classes(self) -> int:
+        """Classes refined."""
+        return len(self.references)
+
+    @property
+    def box_size(self) -> int:
+        """``N`` (px)."""
+        return self.images.box_size
+
+    @property
+    def nyquist_angstrom(self) -> float:
+        """``2·Ts`` (Å)."""
+        return 2.0 * self.pixel_size_angstrom
+
+    def keys(self) -> list[ClassHalf]:
+        """Every (class, half), classes outer."""
+        return [(c, h) for c in range(self.n_classes) for h in (1, 2)]
+
+
+@dataclass
+class RefineState:
+    """What one iteration hands to the next.
+
+    Attributes
+    ----------
+    iteration : int
+        Last completed iteration (0: none).
+    resolution_angstrom : float
+        Its resolution (Å).
+    references : dict
+        ``(class, half)`` → `(N, N, N)` next reference.
+    euler_deg : np.ndarray
+        `(n, 3)` consensus poses (RELION rot, tilt, psi).
+    shift_yx_px : np.ndarray
+        `(n, 2)` consensus shifts (px).
+    class_index : np.ndarray
+        `(n,)` classes (from 0).
+    noise : NoiseSpectrum or None
+        Spectra of the weighting (None: unweighted).
+    history : list of dict
+        One record per completed iteration.
+    stalled : int
+        Consecutive iterations without a gain of a Fourier shell.
+    """
+
+    iteration: int
+    resolution_angstrom: float
+    references: dict[ClassHalf, np.ndarray]
+    euler_deg: np.ndarray
+    shift_yx_px: np.ndarray
+    class_index: np.ndarray
+    noise: NoiseSpectrum | None
+    history: list[dict] = field(default_factory=list)
+    stalled: int = 0
+
+
+@dataclass
+class ClassMaps:
+    """One class's maps of an iteration.
+
+    Attributes
+    ----------
+    half1, half2, unfiltered : np.ndarray
+        `(N, N, N)` half maps and the map of all kept particles.
+    fsc : FscResult
+        Gold-standard FSC.
+    solvent_mask : np.ndarray
+        `(N, N, N)` the FSC mask.
+    resolution_angstrom : float
+        Resolution, at least Nyquist (Å).
+    """
+
+    half1: np.ndarray
+    half2: np.ndarray
+    unfiltered: np.ndarray
+    fsc: FscResult
+    solvent_mask: np.ndarray
+    resolution_angstrom: float
+
+
+@dataclass
+class IterationResult:
+    """The outcome of one iteration (:func:`refine_iteration`), before anything is written.
+
+    Attributes
+    ----------
+    iteration : int
+        Its number.
+    consensus : Consensus
+        Consensus poses, classes and kept particles.
+    classes : list of ClassMaps
+        Maps and FSC per class.
+    references : dict
+        ``(class, half)`` → next reference.
+    noise : NoiseSpectrum or None
+        Residual noise spectra for the next iteration (weighting only).
+    entry : dict
+        The history record (no ``seconds`` yet).
+    """
+
+    iteration: int
+    consensus: Consensus
+    classes: list[ClassMaps]
+    references: dict[ClassHalf, np.ndarray]
+    noise: NoiseSpectrum | None
+    entry: dict
+
+
+@dataclass(frozen=True)
+class RefinementResult:
+    """What :func:`run_refinement` returns.
+
+    Attributes
+    ----------
+    history : list of dict
+        Per-iteration records (resolution, kept particles, class populations, timings).
+    resolution_angstrom : float
+        Resolution of the last iteration (Å).
+    """
+
+    history: list[dict]
+    resolution_angstrom: float
 
 
 def _half_sets(table: ParticleTable, seed: int) -> np.ndarray:
@@ -161,161 +349,502 @@ def _join_low_resolution(a: np.ndarray, b: np.ndarray, resolution_angstrom: floa
             np.fft.irfftn(fb, s=b.shape, axes=(0, 1, 2)).astype(np.float32))
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary name, then rename (a kill never leaves a truncated file)."""
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+def prepare_refinement(table: ParticleTable, images: ParticleImages, references: list[MapData],
+                       config: RefineConfig) -> RefineSetup:
+    """Checks and fixed inputs of a run (:class:`RefineSetup`).
+
+    Raises
+    ------
+    InputError
+        Non-cubic or mismatched references or mask, missing CTF columns, bad symmetry.
+    """
+    sym = config.symmetry.upper()
+    group = symmetry_matrices(sym)
+    checked = [check_inputs(table, images, ref) for ref in references]
+    pixel_size = checked[0][0]
+    references = [ref for _, ref in checked]
+    for ref in references:  # refuse a reference inconsistent with the symmetry (issue 14)
+        check_reference_symmetry(ref.data, sym, pixel_size_angstrom=pixel_size, name=str(ref.path),
+                                 resolution_angstrom=config.initial_resolution_angstrom,
+                                 force=config.force_symmetry)
+    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
+    mask = None
+    if config.mask_path:
+        mask = read_map(config.mask_path).data
+        if mask.shape != references[0].data.shape:
+            raise InputError(f"{config.mask_path}: mask shape {mask.shape} differs from the "
+                             f"reference {references[0].data.shape}")
+    solvent = read_map(config.solvent_mask_path).data if config.solvent_mask_path else None
+    return RefineSetup(table, images, config, references, pixel_size, sym, group, ctf,
+                       _half_sets(table, config.seed), mask, solvent)
 
 
-def _save_noise(path: Path, noise) -> None:
-    """Noise spectra to ``.npz`` under a temporary name, then renamed."""
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, groups=noise.groups, noise_power=noise.noise_power,
-                 total_power=noise.total_power, counts=noise.counts)
+def initial_state(setup: RefineSetup) -> RefineState:
+    """Iteration 0: the references low-passed to the initial resolution, poses unknown.
+
+    The noise spectra of the weighting are measured outside the particle mask.
+    """
+    config = setup.config
+    n = len(setup.table)
+    refs = {(c, h): lowpass(setup.references[c].data, config.initial_resolution_angstrom,
+                            setup.pixel_size_angstrom) for c, h in setup.keys()}
+    return RefineState(0, config.initial_resolution_angstrom, refs, np.zeros((n, 3)),
+                       np.zeros((n, 2)), np.zeros(n, dtype=int), _initial_noise(setup))
 
 
-def _load_noise(path: Path):
-    from swiftalign.noise import NoiseSpectrum
+def _initial_noise(setup: RefineSetup) -> NoiseSpectrum | None:
+    """Noise spectra for the weighting: the background outside the particle mask."""
+    config = setup.config
+    if config.weighting == "none":
+        return None
+    return noise_spectrum_for(
+        setup.table, setup.images, np.arange(len(setup.images)),
+        pixel_size_angstrom=setup.pixel_size_angstrom,
+        particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
+        device=resolve_device(config.device))
 
-    with np.load(path) as z:
-        return NoiseSpectrum(z["groups"], z["noise_power"], z["total_power"], z["counts"])
+
+def resume_state(setup: RefineSetup, folder: RunFolder) -> RefineState | None:
+    """The state after the last completed iteration in ``folder`` (None: nothing completed).
+
+    Temporaries of a killed run are removed and ``final/`` is republished (a run
+    killed after its state was saved but before ``final/`` was replaced).
+
+    Raises
+    ------
+    InputError
+        The run was made with other parameters than ``setup.config``.
+    """
+    saved = folder.read_state()
+    if saved is None:
+        return None
+    folder.remove_stale_temporaries()
+    it = saved["iteration"]
+    last = folder.iteration_dir(it)
+    _check_same_parameters(last / "run.json", setup.config)
+    refs = {(c, h): read_map(last / f"reference_class{c + 1}_half{h}.mrc").data
+            for c, h in setup.keys()}
+    shifts, poses = np.load(last / "shifts.npy"), np.load(last / "poses.npy")
+    classes = np.load(last / "classes.npy")
+    folder.publish_final(it)
+    log.info("continuing after iteration %d (%.2f Å)", it, saved["resolution_angstrom"])
+    noise_path = last / "noise.npz"
+    noise: NoiseSpectrum | None
+    if setup.config.weighting != "none" and noise_path.exists():
+        noise = load_noise(noise_path)  # the last iteration's residual spectra
+    else:
+        noise = _initial_noise(setup)
+    history = saved["history"]
+    stalled = sum(1 for h in history[-2:] if h.get("stalled")) if len(history) >= 2 else 0
+    return RefineState(it, saved["resolution_angstrom"], refs, poses, shifts, classes, noise,
+                       history, stalled)
 
 
-def _residual_noise(images, table, half_maps, sel_of, cons, ctf, *, pixel_size, config):
+@dataclass
+class _Assignments:
+    """`(n, R, ·)` poses, shifts and classes of every repetition."""
+
+    euler_deg: np.ndarray
+    shift_yx_px: np.ndarray
+    class_index: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, repetitions: int) -> _Assignments:
+        return cls(np.zeros((n, repetitions, 3)), np.zeros((n, repetitions, 2)),
+                   np.zeros((n, repetitions), dtype=int))
+
+
+def _masked_references(setup: RefineSetup, state: RefineState) -> dict[ClassHalf, np.ndarray]:
+    """The references multiplied by the reference mask (if any)."""
+    if setup.mask is None:
+        return state.references
+    return {k: v * setup.mask for k, v in state.references.items()}
+
+
+def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np.ndarray],
+                half: int, rows: np.ndarray, t_align: float) -> tuple[np.ndarray, ...]:
+    """Local search only, around the current poses of one half.
+
+    ±local_angle_deg and ±local_shift_px, down to half the steps of ``t_align``
+    (thesis §7.3); every class is tried, the best distance wins.
+    """
+    import torch
+
+    config = setup.config
+    device = resolve_device(config.device)
+    pixel_size = setup.pixel_size_angstrom
+    local = prepare_local(
+        setup.images, rows, resolution_angstrom=t_align, pixel_size_angstrom=pixel_size,
+        metric=config.metric, device=device, noise=state.noise, weighting=config.weighting,
+        optics_group=setup.table.optics_group[rows],
+        recentre_shift_yx_px=state.shift_yx_px[rows])
+    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 2
+    rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
+    best_d = np.full(len(rows), np.inf)
+    out_e, out_s = state.euler_deg[rows].copy(), state.shift_yx_px[rows].copy()
+    out_c = state.class_index[rows].copy()
+    for c in range(setup.n_classes):
+        spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, half)], device=device))
+        e, s, d = refine_local(
+            spectrum, local.queries, state.euler_deg[rows], np.zeros((len(rows), 2)),
+            disc=local.disc, metric=config.metric, angle_step_deg=config.local_angle_deg,
+            shift_step_px=config.local_shift_px, rounds=rounds,
+            ctf=setup.ctf.subset(rows) if setup.ctf is not None else None,
+            pixel_size_angstrom=pixel_size, coefficient_weights=local.weights,
+        )
+        better = d < best_d
+        best_d[better] = d[better]
+        out_e[better] = e[better]
+        out_s[better] = s[better] + state.shift_yx_px[rows][better]
+        out_c[better] = c
+    return out_e, out_s, out_c
+
+
+def _align_local(setup: RefineSetup, state: RefineState, t_align: float) -> _Assignments:
+    """A local pass: one deterministic search per half stands for every repetition."""
+    found = _Assignments.empty(len(setup.table), setup.config.repetitions)
+    refs = _masked_references(setup, state)
+    for h in (1, 2):
+        rows = np.nonzero(setup.halves == h)[0]
+        e, sft, cl = _local_pass(setup, state, refs, h, rows, t_align)
+        found.euler_deg[rows] = e[:, None]
+        found.shift_yx_px[rows] = sft[:, None]
+        found.class_index[rows] = cl[:, None]
+    return found
+
+
+def _repetition_configs(setup: RefineSetup, iteration: int, half: int,
+                        t_global: float) -> list[AlignConfig]:
+    """One alignment config per repetition, each with its own gallery perturbation seed."""
+    config = setup.config
+    return [AlignConfig(
+        **section(config, ComputeConfig).model_dump(),
+        resolution_angstrom=t_global,
+        symmetry=setup.symmetry,
+        max_shift_px=config.max_shift_px if iteration == 1 else config.max_shift_later_px,
+        ctf_mode=config.ctf_mode,
+        weighting=config.weighting,
+        index=config.index,
+        metric=config.metric,
+        seed=config.seed * 1_000_003 + iteration * 1009 + r * 17 + half,
+    ) for r in range(config.repetitions)]
+
+
+def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_align: float,
+                  t_global: float, progress: Callable[[str, int, int], None] | None,
+                  timings: dict[str, float]) -> _Assignments:
+    """Every particle against every class of its half, once per repetition; best class wins.
+
+    A FAISS index is trained once per half and class on the pooled galleries of
+    all repetitions, then populated with and queried against each repetition's.
+    """
+    config, pixel_size, ctf = setup.config, setup.pixel_size_angstrom, setup.ctf
+    found = _Assignments.empty(len(setup.table), config.repetitions)
+    refs = _masked_references(setup, state)
+    for h in (1, 2):
+        rows = np.nonzero(setup.halves == h)[0]
+        best_d = np.full((config.repetitions, len(rows)), np.inf)
+        acfgs = _repetition_configs(setup, iteration, h, t_global)
+        for c in range(setup.n_classes):
+            ref_c = MapData(refs[(c, h)], pixel_size, setup.references[c].path)
+            refsets = [build_reference_set(ref_c, acfg, pixel_size_angstrom=pixel_size,
+                                           noise=state.noise, progress=progress)
+                       for acfg in acfgs]
+            pool = None
+            if ctf is not None and resolve_ctf_mode(config.ctf_mode, t_global) == "reference":
+                pool = reference_ctf_pool(
+                    ctf.subset(rows), refsets[0].disc, pixel_size_angstrom=pixel_size,
+                    max_phase_rad=acfgs[0].ctf_group_phase_rad,
+                    device=resolve_device(config.device))
+            trained = train_index([rs.gallery for rs in refsets], index_settings(acfgs[0]),
+                                  n_particles=len(rows), device=resolve_device(config.device),
+                                  ctf_disc_pool=pool)
+            for r, (refset, acfg) in enumerate(zip(refsets, acfgs, strict=True)):
+                res = align_particles(
+                    setup.table, setup.images, refset, acfg, rows=rows,
+                    initial_shift_yx_px=None if iteration == 1 else state.shift_yx_px[rows],
+                    local_resolution_angstrom=t_align, trained_index=trained,
+                    progress=progress, noise=state.noise)
+                for step, sec in res.timings.items():
+                    timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
+                d = res.distance[:, 0]
+                better = d < best_d[r]
+                best_d[r, better] = d[better]
+                found.euler_deg[rows[better], r] = res.euler_deg[better, 0]
+                found.shift_yx_px[rows[better], r] = res.shift_yx_px[better, 0]
+                found.class_index[rows[better], r] = c
+            del refsets, trained
+    return found
+
+
+def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
+                        progress: Callable[[str, int, int], None] | None
+                        ) -> tuple[dict[ClassHalf, np.ndarray], dict[int, np.ndarray],
+                                   dict[ClassHalf, np.ndarray]]:
+    """Half maps and full map of every class from its kept particles, and their rows.
+
+    Each kept particle is inserted once, into its half; the full map (all kept
+    particles together, RELION's final map) comes from the sum of the halves'
+    accumulators (:class:`swiftalign.reconstruction.HalfMapAccumulator`).
+
+    Raises
+    ------
+    InputError
+        A class half with fewer than 2 kept particles.
+    """
+    config, ctf = setup.config, setup.ctf
+    inserted = progress_counter(progress, "reconstruction", int(cons.keep.sum()))
+    half_maps: dict[ClassHalf, np.ndarray] = {}
+    full_maps: dict[int, np.ndarray] = {}
+    sel_of: dict[ClassHalf, np.ndarray] = {}
+    for c in range(setup.n_classes):
+        acc = HalfMapAccumulator(setup.box_size, device=resolve_device(config.device))
+        for h in (1, 2):
+            sel = sel_of[(c, h)] = np.nonzero(cons.keep & (setup.halves == h)
+                                              & (cons.class_index == c))[0]
+            if len(sel) < 2:
+                raise InputError(f"iteration {iteration}: class {c + 1} half {h} kept only "
+                                 f"{len(sel)} particles")
+            acc.insert(h, setup.images, sel, cons.euler_deg[sel], cons.shift_yx_px[sel],
+                       ctf=ctf.subset(sel) if ctf is not None else None,
+                       pixel_size_angstrom=setup.pixel_size_angstrom, progress=inserted)
+        half_maps[(c, 1)], half_maps[(c, 2)], full_maps[c] = acc.maps(
+            symmetry_group=setup.symmetry_group, method=config.reconstruction,
+            regularisation=config.regularisation)
+        del acc
+    return half_maps, full_maps, sel_of
+
+
+def _residual_noise(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
+                    sel_of: dict[ClassHalf, np.ndarray], cons: Consensus) -> NoiseSpectrum:
     """Noise spectra of the residuals of the kept particles against their own half maps."""
     import torch
 
     from swiftalign.noise import estimate_residual_noise_power, merge_spectra
 
-    device = resolve_device(config.device)
-    og_all = (table.particles["rlnOpticsGroup"].to_numpy()
-              if "rlnOpticsGroup" in table.particles else np.ones(len(table), int))
+    device = resolve_device(setup.config.device)
+    og_all = setup.table.optics_group
     parts = []
     for key, sel in sel_of.items():
         parts.append(estimate_residual_noise_power(
-            images, sel, og_all[sel], torch.as_tensor(half_maps[key], device=device),
-            cons.euler_deg[sel], cons.shift_yx_px[sel], ctf=ctf,
-            pixel_size_angstrom=pixel_size, seed=config.seed))
+            setup.images, sel, og_all[sel], torch.as_tensor(half_maps[key], device=device),
+            cons.euler_deg[sel], cons.shift_yx_px[sel], ctf=setup.ctf,
+            pixel_size_angstrom=setup.pixel_size_angstrom, seed=setup.config.seed))
     return merge_spectra(parts)
 
 
-#: Parameters ``--continue`` may change (they do not change the result).
-_CONTINUE_MAY_CHANGE = ("iterations", "device", "max_memory_gb")
+def _class_maps(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
+                full_maps: dict[int, np.ndarray], iteration: int) -> list[ClassMaps]:
+    """Per class: the map of all kept particles, the gold-standard FSC and the resolution.
 
-
-def _check_same_parameters(run_json: Path, config: RefineConfig) -> None:
-    """Refuse to continue a run with parameters other than the ones it was run with."""
-    try:
-        before = json.loads(run_json.read_text())["parameters"]
-    except (OSError, ValueError, KeyError):
-        return  # nothing recorded (older runs): nothing to compare
-    now = config.model_dump()
-    differ = [f"{name} = {before[name]!r} (now {now[name]!r})" for name in now
-              if name in before and name not in _CONTINUE_MAY_CHANGE
-              and before[name] != now[name]]
-    if differ:
-        raise InputError(
-            f"{run_json.parent.parent}: --continue with other options than the run was made "
-            f"with: {'; '.join(differ)}. Give the same options (only --iterations, --device and "
-            "--max-memory may change), or start a new output folder")
-
-
-def _publish_final(out: Path, it_dir: Path) -> None:
-    """Make ``out/final`` a copy of ``it_dir``; at every moment ``final`` is complete or absent.
-
-    The copy is made under a temporary name, the old ``final`` is renamed away,
-    the copy renamed into place, and only then the old one deleted.
+    Raises
+    ------
+    NoSignalError
+        The half maps of a class do not correlate (:func:`swiftalign.fsc.require_signal`).
     """
-    final, tmp_final, old_final = out / "final", out / ".final.tmp", out / ".final.old"
-    for stale in (tmp_final, old_final):
-        if stale.exists():
-            shutil.rmtree(stale)
-    shutil.copytree(it_dir, tmp_final)
-    if final.exists():
-        os.replace(final, old_final)
-    os.replace(tmp_final, final)
-    if old_final.exists():
-        shutil.rmtree(old_final)
+    config = setup.config
+    out = []
+    for c in range(setup.n_classes):
+        h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
+        # the map of all kept particles reconstructed together (RELION's final map; what
+        # relion_reconstruct gives from particles.star), not the mean of the half maps
+        avg = full_maps[c]
+        smask = setup.solvent_mask if setup.solvent_mask is not None else auto_solvent_mask(
+            avg, setup.pixel_size_angstrom)
+        fsc = gold_standard_fsc(h1, h2, smask, setup.pixel_size_angstrom,
+                                threshold=config.fsc_threshold, seed=config.seed + iteration)
+        require_signal(fsc, f"iteration {iteration}, class {c + 1}")
+        out.append(ClassMaps(h1, h2, avg, fsc, smask,
+                             max(fsc.resolution_angstrom, setup.nyquist_angstrom)))
+    return out
 
 
-def _postprocess_final(out: Path, n_classes: int, pixel_size: float, *, seed: int) -> None:
-    """``swiftalign postprocess`` of ``final/``'s half maps with its mask → ``final/postprocess/``.
+def _next_references(setup: RefineSetup, classes: list[ClassMaps]) -> dict[ClassHalf, np.ndarray]:
+    """Each half's next reference.
 
-    For several classes, ``final/postprocess_classN/``.
+    Its own half map (joined below the join resolution) low-passed to its class's
+    resolution.
     """
-    from swiftalign.postprocess import postprocess_half_maps, write_postprocess
-
-    final = out / "final"
-    for c in range(n_classes):
-        prefix = "" if n_classes == 1 else f"class{c + 1}_"
-        names = [final / f"{prefix}{name}.mrc" for name in ("half1", "half2", "mask")]
-        if not all(p.exists() for p in names):
-            continue
-        h1, h2, mask = (read_map(p).data for p in names)
-        result = postprocess_half_maps(h1, h2, mask, pixel_size, seed=seed)
-        folder = final / ("postprocess" if n_classes == 1 else f"postprocess_class{c + 1}")
-        write_postprocess(folder, result, half_map_names=(names[0].name, names[1].name),
-                          mask_name=names[2].name)
-        log.info("postprocess of final/%shalf*.mrc: %.2f Å, B-factor %.0f Å² → %s", prefix,
-                 result.fsc.resolution_angstrom, result.bfactor_angstrom2, folder)
+    refs = {}
+    for c, maps in enumerate(classes):
+        n1, n2 = maps.half1, maps.half2
+        if setup.config.low_resolution_join_angstrom > 0:
+            n1, n2 = _join_low_resolution(n1, n2, setup.config.low_resolution_join_angstrom,
+                                          setup.pixel_size_angstrom)
+        for h, m in ((1, n1), (2, n2)):
+            refs[(c, h)] = lowpass(m, maps.resolution_angstrom, setup.pixel_size_angstrom)
+    return refs
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary files (``.NAME.XXXX.tmp``) a killed run left in ``out`` and ``out/it*``."""
-    for pattern in (".*.tmp", "it[0-9][0-9][0-9]/.*.tmp"):
-        for tmp in out.glob(pattern):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
+def _class_stats(classes: list[ClassMaps], cons: Consensus) -> list[dict]:
+    """Particles and resolutions of every class (history record)."""
+    return [{
+        "class": c + 1,
+        "particles": int(((cons.class_index == c) & cons.keep).sum()),
+        "resolution_angstrom": float(m.fsc.resolution_angstrom),
+        "resolution_05_angstrom": float(m.fsc.resolution_05_angstrom),
+        "resolution_unmasked_angstrom": float(m.fsc.resolution_unmasked_angstrom),
+        "resolution_is_bound": bool(m.fsc.resolution_is_bound),
+    } for c, m in enumerate(classes)]
 
 
-def _local_pass(images, refs, half, rows, poses, shifts, classes, *, config, t_align,
-                pixel_size, ctf, n_classes, table, noise):
-    """Local search only: ±local_angle_deg and ±local_shift_px around the current poses,
-    down to half the steps of ``t_align`` (thesis §7.3)."""
-    import torch
+def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
+                     progress: Callable[[str, int, int], None] | None = None) -> IterationResult:
+    """One iteration: align → consensus → reconstruct → noise → FSC → next references.
 
-    from swiftalign.alignment import particle_vectors, resolve_device
-    from swiftalign.fourier import make_disc
-    from swiftalign.local_search import refine_local
-    from swiftalign.projection import VolumeSpectrum
+    Touches no files.
 
-    device = resolve_device(config.device)
-    box = images.box_size
-    disc = make_disc(box, min(pixel_size / t_align, 0.5))
-    weights = group_of = None
-    if noise is not None:
-        from swiftalign.noise import coefficient_weights
+    Parameters
+    ----------
+    setup : RefineSetup
+        The run's fixed inputs.
+    state : RefineState
+        After the previous iteration.
+    iteration : int
+        Number of this iteration (from 1).
+    progress : callable, optional
+        ``progress(step, done, total)``.
 
-        weights = coefficient_weights(noise, disc.to(device), config.weighting)
-        og = (table.particles["rlnOpticsGroup"].to_numpy()[rows]
-              if "rlnOpticsGroup" in table.particles else np.ones(len(rows), int))
-        group_of = np.searchsorted(noise.groups, og)
-    _, queries = particle_vectors(images, disc, ctf=None, pixel_size_angstrom=pixel_size,
-                                  metric=config.metric, device=device, rows=rows,
-                                  recentre_shift_yx_px=shifts[rows],
-                                  coefficient_weights=weights, weight_group=group_of)
-    per_particle_w = None if weights is None else weights[torch.as_tensor(group_of)]
-    fine = angular_step_deg(t_align, pixel_size, box) / 2
-    rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
-    best_d = np.full(len(rows), np.inf)
-    out_e = poses[rows].copy()
-    out_s = shifts[rows].copy()
-    out_c = classes[rows].copy()
-    for c in range(n_classes):
-        spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, half)], device=device))
-        e, s, d = refine_local(
-            spectrum, queries, poses[rows], np.zeros((len(rows), 2)), disc=disc,
-            metric=config.metric, angle_step_deg=config.local_angle_deg,
-            shift_step_px=config.local_shift_px, rounds=rounds,
-            ctf=ctf.subset(rows) if ctf is not None else None, pixel_size_angstrom=pixel_size,
-            coefficient_weights=per_particle_w,
-        )
-        better = d < best_d
-        best_d[better] = d[better]
-        out_e[better] = e[better]
-        out_s[better] = s[better] + shifts[rows][better]
-        out_c[better] = c
-    return out_e, out_s, out_c
+    Returns
+    -------
+    IterationResult
+
+    Raises
+    ------
+    InputError
+        A class half keeps fewer than 2 particles.
+    """
+    config, pixel_size = setup.config, setup.pixel_size_angstrom
+    t_align = max(state.resolution_angstrom, config.max_resolution_angstrom, setup.nyquist_angstrom)
+    t_global = max(t_align, config.global_resolution_angstrom)
+    dphi = angular_step_deg(t_align, pixel_size, setup.box_size)
+    ds = shift_step_px(t_align, pixel_size)
+    local_pass = iteration > config.iterations - config.local_passes and iteration > 1
+    timings: dict[str, float] = {}
+    t_step = time.perf_counter()
+    found = (_align_local(setup, state, t_align) if local_pass else
+             _align_global(setup, state, iteration, t_align, t_global, progress, timings))
+    timings["align"] = time.perf_counter() - t_step
+    t_step = time.perf_counter()
+    cons = consensus(found.euler_deg, found.shift_yx_px, found.class_index,
+                     symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
+                     shift_tolerance_px=ds)
+    timings["consensus"] = time.perf_counter() - t_step
+    t_step = time.perf_counter()
+    half_maps, full_maps, sel_of = _reconstruct_halves(setup, cons, iteration, progress)
+    timings["reconstruct"] = time.perf_counter() - t_step
+    noise = state.noise
+    if config.weighting != "none":
+        # next iteration's weights: residuals against the maps just made (RELION's σ²)
+        t_step = time.perf_counter()
+        noise = _residual_noise(setup, half_maps, sel_of, cons)
+        timings["noise"] = time.perf_counter() - t_step
+    t_step = time.perf_counter()
+    classes = _class_maps(setup, half_maps, full_maps, iteration)
+    references = _next_references(setup, classes)
+    timings["fsc_and_maps"] = time.perf_counter() - t_step
+    new_res = float(min(m.resolution_angstrom for m in classes))
+    shells = setup.box_size * pixel_size
+    class_stats = _class_stats(classes, cons)
+    entry = {
+        "iteration": iteration, "alignment_resolution_angstrom": t_align,
+        "global_resolution_angstrom": t_global, "angular_step_deg": dphi, "shift_step_px": ds,
+        "resolution_angstrom": new_res, "kept": int(cons.keep.sum()),
+        "rejected": int((~cons.keep).sum()), "classes": class_stats,
+        "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
+        "stalled": bool(shells / new_res - shells / state.resolution_angstrom < 1.0),
+        "local_pass": bool(local_pass), "timings_s": timings,
+    }
+    return IterationResult(iteration, cons, classes, references, noise, entry)
+
+
+def _write_class_maps(it_dir: Path, setup: RefineSetup, result: IterationResult) -> None:
+    """Half maps, full maps, FSC (STAR and figure) and next references of every class."""
+    ps = setup.pixel_size_angstrom
+    for c, maps in enumerate(result.classes):
+        prefix = "" if setup.n_classes == 1 else f"class{c + 1}_"
+        write_map(it_dir / f"{prefix}half1.mrc", maps.half1, ps)
+        write_map(it_dir / f"{prefix}half2.mrc", maps.half2, ps)
+        write_map(it_dir / f"{prefix}map_unfiltered.mrc", maps.unfiltered, ps)
+        write_map(it_dir / f"{prefix}mask.mrc", maps.solvent_mask, ps)  # the FSC's mask
+        write_map(it_dir / f"{prefix}map.mrc", lowpass(maps.unfiltered, maps.resolution_angstrom,
+                                                       ps), ps)
+        write_fsc_star(it_dir / f"{prefix}fsc.star", maps.fsc, ps, average_map=maps.unfiltered,
+                       mask=maps.solvent_mask,
+                       half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
+                       mask_name=setup.config.solvent_mask_path or "auto")
+        save_figure(fsc_figure_from_result(
+            maps.fsc, ps, f"iteration {result.iteration}, class {c + 1}: "
+            f"{maps.fsc.resolution_text()}"), it_dir / f"{prefix}fsc.png")
+        for h in (1, 2):
+            write_map(it_dir / f"reference_class{c + 1}_half{h}.mrc", result.references[(c, h)],
+                      ps)
+
+
+def _write_particles(it_dir: Path, setup: RefineSetup, cons: Consensus) -> None:
+    """``particles.star`` (the particles in this iteration's maps) and the rejected ones.
+
+    ``relion_reconstruct`` on ``particles.star`` reproduces the maps; the rejected
+    particles (back in the next iteration) keep their consensus poses and spreads
+    in ``particles_rejected.star``.
+    """
+    keep = cons.keep
+    origin = shift_px_to_origin_angstrom(cons.shift_yx_px, setup.pixel_size_angstrom)
+    updates = {
+        "rlnAngleRot": cons.euler_deg[:, 0],
+        "rlnAngleTilt": cons.euler_deg[:, 1],
+        "rlnAnglePsi": cons.euler_deg[:, 2],
+        "rlnOriginXAngst": origin[:, 0],
+        "rlnOriginYAngst": origin[:, 1],
+        "rlnRandomSubset": setup.halves,
+        "rlnClassNumber": cons.class_index + 1,
+        "rlnSwiftalignAngularSpread": cons.angular_spread_deg,
+        "rlnSwiftalignShiftSpread": cons.shift_spread_px,
+        "rlnSwiftalignKept": keep.astype(int),
+    }
+    box = setup.box_size
+    write_particles(it_dir / "particles.star", setup.table, box_size=box, updates=updates,
+                    keep=keep)
+    if (~keep).any():
+        write_particles(it_dir / "particles_rejected.star", setup.table, box_size=box,
+                        updates=updates, keep=~keep)
+    else:  # none rejected: no stale list from an interrupted attempt
+        (it_dir / "particles_rejected.star").unlink(missing_ok=True)
+
+
+def write_iteration(it_dir: Path, setup: RefineSetup, result: IterationResult) -> None:
+    """Write an iteration's outputs into ``it_dir`` (everything but ``run.json``).
+
+    Parameters
+    ----------
+    it_dir : Path
+        ``OUT/itNNN``, or its staging folder (:meth:`RunFolder.stage_iteration`);
+        created if absent.
+    setup : RefineSetup
+        The run's fixed inputs.
+    result : IterationResult
+        From :func:`refine_iteration`.
+    """
+    it_dir.mkdir(exist_ok=True)
+    cons = result.consensus
+    if setup.config.weighting != "none" and result.noise is not None:
+        save_noise(it_dir / "noise.npz", result.noise)
+    _write_class_maps(it_dir, setup, result)
+    _write_particles(it_dir, setup, cons)
+    save_figure(angular_distribution_figure(
+        cons.euler_deg[cons.keep, 0], cons.euler_deg[cons.keep, 1],
+        title=f"iteration {result.iteration}: kept particles"), it_dir / "angdist.png")
+    save_npy(it_dir / "shifts.npy", cons.shift_yx_px)
+    save_npy(it_dir / "poses.npy", cons.euler_deg)
+    save_npy(it_dir / "classes.npy", cons.class_index)
+
+
+def _advance(state: RefineState, result: IterationResult, entry: dict) -> RefineState:
+    """The state after ``result``, with ``entry`` appended to the history."""
+    cons = result.consensus
+    return RefineState(result.iteration, entry["resolution_angstrom"], result.references,
+                       cons.euler_deg, cons.shift_yx_px, cons.class_index, result.noise,
+                       [*state.history, entry], state.stalled + 1 if entry["stalled"] else 0)
 
 
 def run_refinement(
@@ -328,8 +857,13 @@ def run_refinement(
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     record: dict | None = None,
-) -> dict:
+) -> RefinementResult:
     """Run the refinement and write ``OUT_DIR/itNNN/`` and ``OUT_DIR/final/``.
+
+    The loop: set up → initial or resumed state → per iteration
+    :func:`refine_iteration`, :func:`write_iteration` and the folder's commit,
+    until ``config.iterations`` or two iterations in a row without a gain of one
+    Fourier shell.
 
     Parameters
     ----------
@@ -340,8 +874,9 @@ def run_refinement(
     references : list of MapData
         One map per class, `(N, N, N)`, at the particles' pixel size.
     out_dir : str or Path
-        Output folder.
+        Output folder (:class:`swiftalign.run_folder.RunFolder`).
     config : RefineConfig
+        Parameters.
     resume : bool
         Continue from the last completed iteration in ``out_dir``.
     progress : callable, optional
@@ -351,320 +886,66 @@ def run_refinement(
 
     Returns
     -------
-    dict
-        Per-iteration history (resolution, kept particles, class populations).
+    RefinementResult
+        Per-iteration history and the final resolution.
 
     Raises
     ------
     InputError
-        Non-cubic or mismatched references, missing CTF columns, bad symmetry.
+        Non-cubic or mismatched references, missing CTF columns, bad symmetry, or
+        ``resume`` with other parameters than the run's.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sym = config.symmetry.upper()
-    group = symmetry_matrices(sym)
-    checked = [check_inputs(table, images, ref) for ref in references]
-    pixel_size = checked[0][0]
-    references = [ref for _, ref in checked]
-    for ref in references:  # refuse a reference inconsistent with the symmetry (issue 14)
-        check_reference_symmetry(ref.data, sym, pixel_size_angstrom=pixel_size, name=str(ref.path),
-                                 resolution_angstrom=config.initial_resolution_angstrom,
-                                 force=config.force_symmetry)
-    box = images.box_size
-    ctf = ctf_params_from_table(table) if config.ctf_mode != "none" else None
-    halves = _half_sets(table, config.seed)
-    n_classes = len(references)
-    nyquist = 2.0 * pixel_size
-    floor = max(config.max_resolution_angstrom, nyquist)
-    mask = None
-    if config.mask_path:
-        mask = read_map(config.mask_path).data
-        if mask.shape != references[0].data.shape:
-            raise InputError(f"{config.mask_path}: mask shape {mask.shape} differs from the "
-                             f"reference {references[0].data.shape}")
-    solvent = read_map(config.solvent_mask_path).data if config.solvent_mask_path else None
-
-    # state: per class, per half, the next reference
-    refs = {(c, h): lowpass(references[c].data, config.initial_resolution_angstrom, pixel_size)
-            for c in range(n_classes) for h in (1, 2)}
-    resolution = config.initial_resolution_angstrom
-    history: list[dict] = []
-    shifts_prev = np.zeros((len(table), 2))
-    poses_prev = np.zeros((len(table), 3))
-    classes_prev = np.zeros(len(table), dtype=int)
-    start_it = 1
-    noise_path = None
-    state_path = out / "state.json"
-    if resume and state_path.exists():
-        _remove_stale_temporaries(out)
-        state = json.loads(state_path.read_text())
-        history = state["history"]
-        start_it = state["iteration"] + 1
-        resolution = state["resolution_angstrom"]
-        last = out / f"it{state['iteration']:03d}"
-        _check_same_parameters(last / "run.json", config)
-        for c in range(n_classes):
-            for h in (1, 2):
-                refs[(c, h)] = read_map(last / f"reference_class{c + 1}_half{h}.mrc").data
-        shifts_prev = np.load(last / "shifts.npy")
-        poses_prev = np.load(last / "poses.npy")
-        classes_prev = np.load(last / "classes.npy")
-        noise_path = last / "noise.npz"
-        # a run killed after its state was saved but before final/ was replaced
-        _publish_final(out, last)
-        log.info("continuing after iteration %d (%.2f Å)", state["iteration"], resolution)
-
-    # noise spectra for --weighting: the background outside the particle mask
-    noise = None
-    if config.weighting != "none" and noise_path is not None and noise_path.exists():
-        noise = _load_noise(noise_path)  # the last iteration's residual spectra
-    elif config.weighting != "none":
-        noise = noise_spectrum_for(
-            table, images, np.arange(len(images)), pixel_size_angstrom=pixel_size,
-            particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
-            device=resolve_device(config.device))
-    stalled = 0
-    if len(history) >= 2:
-        stalled = sum(1 for h in history[-2:] if h.get("stalled"))
-    for it in range(start_it, config.iterations + 1):
-        if stalled >= 2:
+    folder = RunFolder(out_dir)
+    folder.create()
+    setup = prepare_refinement(table, images, references, config)
+    state = (resume_state(setup, folder) if resume else None) or initial_state(setup)
+    for it in range(state.iteration + 1, config.iterations + 1):
+        if state.stalled >= 2:
             break
         t_it = time.perf_counter()
-        t_align = max(resolution, floor)
-        t_global = max(t_align, config.global_resolution_angstrom)
-        dphi = angular_step_deg(t_align, pixel_size, box)
-        ds = shift_step_px(t_align, pixel_size)
-        reps = config.repetitions
-        n = len(table)
-        euler_all = np.zeros((n, reps, 3))
-        shift_all = np.zeros((n, reps, 2))
-        class_all = np.zeros((n, reps), dtype=int)
-        local_pass = it > config.iterations - config.local_passes and it > 1
-        timings: dict[str, float] = {}
-        t_step = time.perf_counter()
-        if local_pass:
-            # deterministic: one search per half stands for every repetition
-            masked = {k: v * mask if mask is not None else v for k, v in refs.items()}
-            for h in (1, 2):
-                rows = np.nonzero(halves == h)[0]
-                e, sft, cl = _local_pass(
-                    images, masked, h, rows, poses_prev, shifts_prev, classes_prev,
-                    config=config, t_align=t_align, pixel_size=pixel_size, ctf=ctf,
-                    n_classes=n_classes, table=table, noise=noise,
-                )
-                euler_all[rows] = e[:, None]
-                shift_all[rows] = sft[:, None]
-                class_all[rows] = cl[:, None]
-        for h in (1, 2) if not local_pass else ():
-            rows = np.nonzero(halves == h)[0]
-            best_d = np.full((reps, len(rows)), np.inf)
-            for c in range(n_classes):
-                ref_map = refs[(c, h)]
-                if mask is not None:
-                    ref_map = ref_map * mask
-                ref_c = MapData(ref_map, pixel_size, references[c].path)
-                acfgs = [AlignConfig(
-                    resolution_angstrom=t_global,
-                    symmetry=sym,
-                    max_shift_px=config.max_shift_px if it == 1 else config.max_shift_later_px,
-                    ctf_mode=config.ctf_mode,
-                    weighting=config.weighting,
-                    index=config.index,
-                    metric=config.metric,
-                    device=config.device,
-                    max_memory_gb=config.max_memory_gb,
-                    seed=config.seed * 1_000_003 + it * 1009 + r * 17 + h,
-                ) for r in range(reps)]
-                # each repetition's own perturbed reference set; one index trained on all
-                # of them (per half and class: halves stay independent)
-                refsets = [build_reference_set(ref_c, acfg, pixel_size_angstrom=pixel_size,
-                                               noise=noise, progress=progress)
-                           for acfg in acfgs]
-                trained = train_index(
-                    [rs.gallery for rs in refsets], index_settings(acfgs[0]),
-                    n_particles=len(rows), device=resolve_device(config.device),
-                    ctf_disc_pool=None if ctf is None or
-                    resolve_ctf_mode(config.ctf_mode, t_global) != "reference" else
-                    reference_ctf_pool(ctf.subset(rows), refsets[0].disc, acfgs[0],
-                                       pixel_size_angstrom=pixel_size),
-                )
-                for r in range(reps):
-                    res = align_particles(
-                        table, images, refsets[r], acfgs[r],
-                        rows=rows,
-                        initial_shift_yx_px=None if it == 1 else shifts_prev[rows],
-                        local_resolution_angstrom=t_align,
-                        trained_index=trained,
-                        progress=progress,
-                        noise=noise,
-                    )
-                    for step, sec in res.timings.items():
-                        timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
-                    d = res.distance[:, 0]
-                    better = d < best_d[r]
-                    best_d[r, better] = d[better]
-                    euler_all[rows[better], r] = res.euler_deg[better, 0]
-                    shift_all[rows[better], r] = res.shift_yx_px[better, 0]
-                    class_all[rows[better], r] = c
-                del refsets, trained
-        timings["align"] = time.perf_counter() - t_step
-        t_step = time.perf_counter()
-        cons = consensus(euler_all, shift_all, class_all, symmetry_group=group,
-                         angle_tolerance_deg=dphi, shift_tolerance_px=ds)
-        timings["consensus"] = time.perf_counter() - t_step
-        keep = cons.keep
-        shifts_prev = cons.shift_yx_px
-        poses_prev = cons.euler_deg
-        classes_prev = cons.class_index
-
-        # every output of the iteration is written into a hidden staging folder, published
-        # as itNNN/ in one rename once complete
-        stage = StagedOutputs(out, f"it{it:03d}")
-        it_dir = stage.path(out / f"it{it:03d}")
-        it_dir.mkdir()
-        class_stats = []
-        half_maps = {}
-        t_step = time.perf_counter()
-        inserted = _counter(progress, "reconstruction", int(keep.sum()))
-        sel_of: dict[tuple[int, int], np.ndarray] = {}
-        full_maps = {}
-        for c in range(n_classes):
-            # each kept particle inserted once, into its half; the full map (all kept
-            # particles together, RELION's final map) from the sum of the halves' data
-            acc = HalfMapAccumulator(box, device=resolve_device(config.device))
-            for h in (1, 2):
-                sel = sel_of[(c, h)] = np.nonzero(keep & (halves == h) & (cons.class_index == c))[0]
-                if len(sel) < 2:
-                    raise InputError(
-                        f"iteration {it}: class {c + 1} half {h} kept only {len(sel)} particles"
-                    )
-                acc.insert(h, images, sel, cons.euler_deg[sel], cons.shift_yx_px[sel],
-                           ctf=ctf.subset(sel) if ctf is not None else None,
-                           pixel_size_angstrom=pixel_size, progress=inserted)
-            half_maps[(c, 1)], half_maps[(c, 2)], full_maps[c] = acc.maps(
-                symmetry_group=group, method=config.reconstruction,
-                regularisation=config.regularisation)
-            del acc
-        timings["reconstruct"] = time.perf_counter() - t_step
-        if config.weighting != "none":
-            # next iteration's weights: residuals against the maps just made (RELION's σ²)
-            t_step = time.perf_counter()
-            noise = _residual_noise(images, table, half_maps, sel_of, cons, ctf,
-                                    pixel_size=pixel_size, config=config)
-            _save_noise(it_dir / "noise.npz", noise)
-            timings["noise"] = time.perf_counter() - t_step
-        t_step = time.perf_counter()
-        resolutions = []
-        for c in range(n_classes):
-            h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
-            # the map of all kept particles reconstructed together (RELION's final map; what
-            # relion_reconstruct gives from particles.star), not the mean of the half maps
-            avg = full_maps[c]
-            smask = solvent if solvent is not None else auto_solvent_mask(avg, pixel_size)
-            fsc = gold_standard_fsc(h1, h2, smask, pixel_size, threshold=config.fsc_threshold,
-                                    seed=config.seed + it)
-            require_signal(fsc, f"iteration {it}, class {c + 1}")
-            res_c = max(fsc.resolution_angstrom, nyquist)
-            resolutions.append(res_c)
-            prefix = "" if n_classes == 1 else f"class{c + 1}_"
-            write_map(it_dir / f"{prefix}half1.mrc", h1, pixel_size)
-            write_map(it_dir / f"{prefix}half2.mrc", h2, pixel_size)
-            write_map(it_dir / f"{prefix}map_unfiltered.mrc", avg, pixel_size)
-            write_map(it_dir / f"{prefix}mask.mrc", smask, pixel_size)  # the FSC's mask
-            write_map(it_dir / f"{prefix}map.mrc", lowpass(avg, res_c, pixel_size), pixel_size)
-            write_fsc_star(it_dir / f"{prefix}fsc.star", fsc, pixel_size, average_map=avg, mask=smask,
-                           half_map_names=(f"{prefix}half1.mrc", f"{prefix}half2.mrc"),
-                           mask_name=config.solvent_mask_path or "auto")
-            save_figure(fsc_figure_from_result(
-                fsc, pixel_size, f"iteration {it}, class {c + 1}: {fsc.resolution_text()}"),
-                it_dir / f"{prefix}fsc.png")
-            n1 = half_maps[(c, 1)]
-            n2 = half_maps[(c, 2)]
-            if config.low_resolution_join_angstrom > 0:
-                n1, n2 = _join_low_resolution(n1, n2, config.low_resolution_join_angstrom,
-                                              pixel_size)
-            for h, m in ((1, n1), (2, n2)):
-                refs[(c, h)] = lowpass(m, res_c, pixel_size)
-                write_map(it_dir / f"reference_class{c + 1}_half{h}.mrc", refs[(c, h)],
-                          pixel_size)
-            class_stats.append({
-                "class": c + 1,
-                "particles": int(((cons.class_index == c) & keep).sum()),
-                "resolution_angstrom": float(fsc.resolution_angstrom),
-                "resolution_05_angstrom": float(fsc.resolution_05_angstrom),
-                "resolution_unmasked_angstrom": float(fsc.resolution_unmasked_angstrom),
-                "resolution_is_bound": bool(fsc.resolution_is_bound),
-            })
-        timings["fsc_and_maps"] = time.perf_counter() - t_step
-        new_res = float(min(resolutions))
-        shell_old = box * pixel_size / resolution
-        shell_new = box * pixel_size / new_res
-        is_stalled = shell_new - shell_old < 1.0
-        stalled = stalled + 1 if is_stalled else 0
-        resolution = new_res
-
-        origin = shift_px_to_origin_angstrom(cons.shift_yx_px, pixel_size)
-        updates = {
-            "rlnAngleRot": cons.euler_deg[:, 0],
-            "rlnAngleTilt": cons.euler_deg[:, 1],
-            "rlnAnglePsi": cons.euler_deg[:, 2],
-            "rlnOriginXAngst": origin[:, 0],
-            "rlnOriginYAngst": origin[:, 1],
-            "rlnRandomSubset": halves,
-            "rlnClassNumber": cons.class_index + 1,
-            "rlnSwiftalignAngularSpread": cons.angular_spread_deg,
-            "rlnSwiftalignShiftSpread": cons.shift_spread_px,
-            "rlnSwiftalignKept": keep.astype(int),
-        }
-        # particles.star holds exactly the particles in this iteration's maps, so that
-        # relion_reconstruct on it reproduces them; the rejected ones (back in the next
-        # iteration) keep their consensus poses and spreads in particles_rejected.star.
-        write_particles(it_dir / "particles.star", table, box_size=box, updates=updates,
-                        keep=keep)
-        if (~keep).any():
-            write_particles(it_dir / "particles_rejected.star", table, box_size=box,
-                            updates=updates, keep=~keep)
-        else:  # none rejected: no stale list from an interrupted attempt
-            (it_dir / "particles_rejected.star").unlink(missing_ok=True)
-        save_figure(angular_distribution_figure(
-            cons.euler_deg[keep, 0], cons.euler_deg[keep, 1],
-            title=f"iteration {it}: kept particles"), it_dir / "angdist.png")
-        _save_npy(it_dir / "shifts.npy", shifts_prev)
-        _save_npy(it_dir / "poses.npy", poses_prev)
-        _save_npy(it_dir / "classes.npy", classes_prev)
-        entry = {
-            "iteration": it,
-            "alignment_resolution_angstrom": t_align,
-            "global_resolution_angstrom": t_global,
-            "angular_step_deg": dphi,
-            "shift_step_px": ds,
-            "resolution_angstrom": new_res,
-            "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
-            "kept": int(keep.sum()),
-            "rejected": int((~keep).sum()),
-            "classes": class_stats,
-            "stalled": bool(is_stalled),
-            "local_pass": bool(local_pass),
-            "seconds": time.perf_counter() - t_it,
-            "timings_s": {"alignment": timings["align"] + timings["consensus"],
-                          "reconstruction": timings["reconstruct"],
-                          "fsc_and_output": time.perf_counter() - t_step, **timings},
-        }
-        history.append(entry)
-        save_figure(refinement_summary_figure(history), out / "summary.png")
+        result = refine_iteration(setup, state, it, progress)
+        t_out = time.perf_counter()
+        # every output of the iteration goes into a hidden staging folder, published as
+        # itNNN/ in one rename once complete (folder.commit)
+        stage, staged_dir = folder.stage_iteration(it)
+        write_iteration(staged_dir, setup, result)
+        timings = result.entry["timings_s"]
+        entry = {**result.entry, "seconds": time.perf_counter() - t_it, "timings_s": {
+            "alignment": timings["align"] + timings["consensus"],
+            "reconstruction": timings["reconstruct"],
+            "fsc_and_output": timings["fsc_and_maps"] + time.perf_counter() - t_out, **timings}}
+        state = _advance(state, result, entry)
+        save_figure(refinement_summary_figure(state.history), folder.summary_path)
         if progress is not None:
             progress("iterations", it, config.iterations)
-        log.info("iteration %d: %.2f Å (FSC %.3f), %d kept, %d rejected, %.0f s", it, new_res,
-                 config.fsc_threshold, entry["kept"], entry["rejected"], entry["seconds"])
-        run = {**(record or {}), "parameters": config.model_dump(), "iteration": entry,
-               "history": history}
-        from swiftalign.cli._common import write_json
+        log.info("iteration %d: %.2f Å (FSC %.3f), %d kept, %d rejected, %.0f s", it,
+                 state.resolution_angstrom, config.fsc_threshold, entry["kept"],
+                 entry["rejected"], entry["seconds"])
+        folder.commit(it, state.resolution_angstrom, state.history,
+                      {**(record or {}), "parameters": config.model_dump(), "iteration": entry,
+                       "history": state.history}, stage=stage)
+    postprocess_final(folder, setup.n_classes, setup.pixel_size_angstrom, seed=config.seed)
+    return RefinementResult(state.history, state.resolution_angstrom)
 
-        write_json(it_dir / "run.json", run)
-        stage.publish()
-        it_dir = out / f"it{it:03d}"
-        write_json(state_path, {"iteration": it, "resolution_angstrom": resolution,
-                                "history": history})
-        _publish_final(out, it_dir)
-    _postprocess_final(out, n_classes, pixel_size, seed=config.seed)
-    return {"history": history, "resolution_angstrom": resolution}
+
+def postprocess_final(folder: RunFolder, n_classes: int, pixel_size_angstrom: float, *,
+                      seed: int) -> None:
+    """``swiftalign postprocess`` of ``final/``'s half maps with its mask → ``final/postprocess/``.
+
+    For several classes, ``final/postprocess_classN/``.
+    """
+    from swiftalign.postprocess import postprocess_half_maps, write_postprocess
+
+    final = folder.final_path
+    for c in range(n_classes):
+        prefix = "" if n_classes == 1 else f"class{c + 1}_"
+        names = [final / f"{prefix}{name}.mrc" for name in ("half1", "half2", "mask")]
+        if not all(p.exists() for p in names):
+            continue
+        h1, h2, mask = (read_map(p).data for p in names)
+        result = postprocess_half_maps(h1, h2, mask, pixel_size_angstrom, seed=seed)
+        target = final / ("postprocess" if n_classes == 1 else f"postprocess_class{c + 1}")
+        write_postprocess(target, result, half_map_names=(names[0].name, names[1].name),
+                          mask_name=names[2].name)
+        log.info("postprocess of final/%shalf*.mrc: %.2f Å, B-factor %.0f Å² → %s", prefix,
+                 result.fsc.resolution_angstrom, result.bfactor_angstrom2, target)

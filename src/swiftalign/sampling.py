@@ -7,7 +7,9 @@ size (Å/px), ``N`` box size (px).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,6 +17,8 @@ from swiftalign.symmetry import in_asymmetric_unit
 
 __all__ = [
     "DEFAULT_MAX_SHIFT_PX",
+    "Sampling",
+    "plan_sampling",
     "angular_step_deg",
     "shift_step_px",
     "fibonacci_directions",
@@ -26,6 +30,77 @@ __all__ = [
 
 #: Default shift search radius (px) of ``align``/``refine``; ``simulate`` draws no shift beyond it.
 DEFAULT_MAX_SHIFT_PX = 8.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling plan of a search: steps used (from the resolution unless overridden).
+
+    Attributes
+    ----------
+    angular_step_deg, psi_step_deg : float
+        Direction and in-plane steps (°).
+    shift_step_px, max_shift_px : float
+        Shift step and range (px).
+    disc_radius_fftfreq : float
+        Radius of the comparison disc (cycles/px, at most 0.5).
+    n_directions, n_psi, n_shifts : int
+        Counts of the gallery built from it (0 until it is built).
+    """
+
+    angular_step_deg: float
+    psi_step_deg: float
+    shift_step_px: float
+    max_shift_px: float
+    disc_radius_fftfreq: float
+    n_directions: int = 0
+    n_psi: int = 0
+    n_shifts: int = 0
+
+    @property
+    def n_poses(self) -> int:
+        """Directions × in-plane angles × shifts."""
+        return self.n_directions * self.n_psi * self.n_shifts
+
+    def with_counts(self, n_directions: int, n_psi: int, n_shifts: int) -> Sampling:
+        """The same plan with the counts of the gallery built from it."""
+        return dataclasses.replace(self, n_directions=n_directions, n_psi=n_psi,
+                                   n_shifts=n_shifts)
+
+
+def plan_sampling(resolution_angstrom: float, pixel_size_angstrom: float, box_size: int, *,
+                  angular_step: float | None = None, psi_step: float | None = None,
+                  shift_step: float | None = None,
+                  max_shift_px: float = DEFAULT_MAX_SHIFT_PX) -> Sampling:
+    """Steps from the resolution (thesis eq. 4.20–4.21) unless given.
+
+    Parameters
+    ----------
+    resolution_angstrom : float
+        Resolution limit ``Tmax`` (Å).
+    pixel_size_angstrom : float
+        ``Ts`` (Å/px).
+    box_size : int
+        ``N`` (px).
+    angular_step, psi_step, shift_step : float, optional
+        Overrides (°, °, px); the in-plane step defaults to the angular step.
+    max_shift_px : float
+        Shift range (px).
+
+    Returns
+    -------
+    Sampling
+        Without counts (:meth:`Sampling.with_counts` once the gallery exists).
+    """
+    dphi = angular_step or angular_step_deg(resolution_angstrom, pixel_size_angstrom, box_size)
+    return Sampling(
+        angular_step_deg=dphi,
+        psi_step_deg=psi_step or dphi,
+        shift_step_px=shift_step or shift_step_px(resolution_angstrom, pixel_size_angstrom,
+                                                  max_shift_px),
+        max_shift_px=max_shift_px,
+        disc_radius_fftfreq=min(pixel_size_angstrom / resolution_angstrom, 0.5),
+    )
 
 
 def angular_step_deg(resolution_angstrom: float, pixel_size_angstrom: float, box_size: int) -> float:

@@ -477,6 +477,8 @@ class TrainedIndex:
         self._configure_training()
         self.device = "cpu"
         self.gpu_float16 = gpu_float16
+        self.train_seconds = 0.0
+        self._size: tuple[int, float] | None = None
         self.to_device(device)
 
     @classmethod
@@ -491,6 +493,8 @@ class TrainedIndex:
         self._parts = []
         self.device = "cpu"
         self.gpu_float16 = gpu_float16
+        self.train_seconds = 0.0
+        self._size = None
         self.to_device(device)
         return self
 
@@ -544,8 +548,10 @@ class TrainedIndex:
                                        gpu_float16=self.gpu_float16)
 
     def _configure_training(self) -> None:
-        """Turn off polysemous training (unused here, 15x the PQ training time)
-        and bound OPQ's alternating optimisation."""
+        """Turn off polysemous training and bound OPQ's alternating optimisation.
+
+        Polysemous codes are unused here and take 15x the PQ training time.
+        """
         import faiss
 
         parts = [faiss.downcast_index(self.index)]
@@ -565,6 +571,7 @@ class TrainedIndex:
 
     @property
     def ivf(self):
+        """The IVF part of the index, or None when it has none."""
         import faiss
 
         try:
@@ -581,8 +588,10 @@ class TrainedIndex:
             When FAISS cannot train this index on these vectors (e.g. more PCA
             components than dimensions, more lists than training vectors).
         """
+        t0 = time.perf_counter()
         try:
             self.index.train(_pad(vectors, self.padded_dim))
+            self.train_seconds = time.perf_counter() - t0
         except RuntimeError as exc:
             raise ValueError(
                 f"--index {self.factory!r} cannot be trained on {vectors.shape[0]} vectors of "
@@ -590,6 +599,7 @@ class TrainedIndex:
             ) from None
 
     def reset(self) -> None:
+        """Remove every vector (the training stays)."""
         self.index.reset()
 
     def add(self, vectors: torch.Tensor) -> None:
@@ -597,6 +607,7 @@ class TrainedIndex:
         self.index.add(_pad(vectors, self.padded_dim))
 
     def set_nprobe(self, nprobe: int) -> None:
+        """IVF lists visited per query (no effect without IVF)."""
         ivf = self.ivf
         if ivf is not None:
             ivf.nprobe = int(nprobe)
@@ -607,8 +618,11 @@ class TrainedIndex:
         return torch.from_numpy(d), torch.from_numpy(i)
 
     def bytes_per_pose(self) -> float:
-        """Serialised index size over its number of vectors."""
-        return float(self.serialize().nbytes) / max(1, self.index.ntotal)
+        """Serialised index size over its number of vectors (serialised once per content)."""
+        if self._size is None or self._size[0] != self.index.ntotal:
+            self._size = (self.index.ntotal,
+                          float(self.serialize().nbytes) / max(1, self.index.ntotal))
+        return self._size[1]
 
 
 def validate_factory(factory: str, dim: int) -> None:
@@ -750,7 +764,7 @@ def train_index(
     index.train(train)
     if progress is not None:
         progress("train index", len(train), len(train))
-    index.train_seconds = time.perf_counter() - t0
+    index.train_seconds = time.perf_counter() - t0  # pooling and augmentation included
     log.debug("trained %s on %d vectors from %d reference sets in %.1f s", factory,
               len(train), len(pool), index.train_seconds)
     return index
@@ -793,7 +807,7 @@ def populate_index(
     if trained is None:
         return PopulatedIndex(gallery, "Flat", None, ctf_disc, None, 1.0,
                               {"train": 0.0, "populate": 0.0, "tune": 0.0})
-    timings = {"train": float(getattr(trained, "train_seconds", 0.0))}
+    timings = {"train": trained.train_seconds}
     budget = settings.max_memory_bytes
     t0 = time.perf_counter()
     index = trained.empty_copy()
@@ -827,8 +841,11 @@ def _tune_nprobe(
     ctf_disc: torch.Tensor | None,
     ctf_disc_pool: torch.Tensor | None,
 ) -> tuple[int, float]:
-    """Smallest power-of-two ``nprobe`` whose ``rerank`` candidates hold the exact
-    neighbour of held-out augmented references at ``target_recall``."""
+    """Smallest power-of-two ``nprobe`` reaching ``target_recall``.
+
+    Its ``rerank`` candidates hold the exact neighbour of held-out augmented
+    references at that rate.
+    """
     rng = np.random.default_rng([settings.seed, 1])
     pool = ctf_disc[None] if ctf_disc is not None else ctf_disc_pool
     held = _augmented_vectors(gallery, 256, rng, pool)

@@ -256,7 +256,7 @@ def write_dataset(
 
 
 class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`swiftalign.api.simulate`.
+    """The ``swiftalign.simulate`` module, callable as :func:`swiftalign.api.simulate`.
 
     Importing a submodule rebinds the package attribute of its name, so once
     this module is imported ``swiftalign.simulate`` is the module; calling it

@@ -75,7 +75,7 @@ _ICOSAHEDRAL = {
 }
 _ICOSAHEDRAL_MIRROR = {"I2": (1, 0, 0), "I1": (0, 0, -1), "I3": (0.850650807, 0, 0.525731114),
                        "I4": (0.850650807, 0, -0.525731114)}
-_FIXED = {
+_FIXED: dict[str, list] = {
     "T": [("rot", 3, (0, 0, 1)), ("rot", 2, _S23)],
     "TD": [("rot", 3, (0, 0, 1)), ("rot", 2, _S23), ("mirror", 0, (1.4142136, 2.4494897, 0))],
     "TH": [("rot", 3, (0, 0, 1)), ("rot", 2, tuple(-v for v in _S23)), ("inversion", 0, None)],
@@ -136,6 +136,7 @@ def _rotation(fold: int, axis: tuple) -> np.ndarray:
 def _generator_matrix(kind: str, fold: int, vector: tuple | None) -> np.ndarray:
     """One RELION symmetry element as a 3×3 matrix."""
     if kind == "rot":
+        assert vector is not None, "a rotation has an axis"
         return _rotation(fold, vector)
     if kind == "inversion":
         return -np.eye(3)
@@ -147,9 +148,9 @@ def _generator_matrix(kind: str, fold: int, vector: tuple | None) -> np.ndarray:
 def _generators(family: str, order: int) -> list:
     """RELION's symmetry elements for a parsed group (``fill_symmetry_class``)."""
     if family in _FIXED:
-        return _FIXED[family]
+        return list(_FIXED[family])
     z_axis = [("rot", order, (0, 0, 1))] if order > 1 else []
-    return {
+    by_family: dict[str, list] = {
         "C": z_axis,
         "CI": [("inversion", 0, None)],
         "CS": [("mirror", 0, (0, 0, 1))],
@@ -160,7 +161,8 @@ def _generators(family: str, order: int) -> list:
         "D": [*z_axis, ("rot", 2, (1, 0, 0))],
         "DV": [*z_axis, ("rot", 2, (1, 0, 0)), ("mirror", 0, (1, 0, 0))],
         "DH": [*z_axis, ("rot", 2, (1, 0, 0)), ("mirror", 0, (0, 0, 1))],
-    }[family]
+    }
+    return by_family[family]
 
 
 def _close(generators: list[np.ndarray]) -> np.ndarray:

@@ -312,8 +312,8 @@ def align_stream(
         from another index or one that does not match the output.
     """
     from swiftalign.alignment import align_particles, resolve_device
-    from swiftalign.cli._common import write_json
     from swiftalign.index_file import load_reference_index
+    from swiftalign.io.json_file import write_json
     from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import (
         merge_particle_blocks,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -29,6 +28,7 @@ from rich.text import Text
 
 import swiftalign
 from swiftalign.errors import SwiftalignError
+from swiftalign.io.json_file import write_json as write_json  # re-exported for the commands
 
 console = Console(stderr=True)
 
@@ -182,26 +182,6 @@ def run_record(*, device: str | None = None, **fields) -> dict:
         "machine": machine_record(device),
         **fields,
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
-    from swiftalign.io.atomic import atomic_write
-
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-
-
-def _jsonable(obj):
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 _new_logs: list[Path] = []

@@ -179,8 +179,10 @@ def save_or_check_job(out: Path, p: dict, stack_paths: list[Path], *, resume: bo
 
 
 def discard_failed_run(out: Path) -> None:
-    """A new run that failed before completing an iteration leaves nothing in ``out``: its
-    outputs (the saved job, temporaries, log) are removed."""
+    """Remove what a new run that failed before its first iteration left in ``out``.
+
+    Its outputs (the saved job, temporaries, log) are removed: nothing is left.
+    """
     if (out / "state.json").exists() or not out.is_dir():
         return
     clear_refine_outputs(out)

@@ -39,16 +39,76 @@ from swiftalign.cli._common import (
 from swiftalign.cli._guard import describe_job, hold_lock
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
-#: align option → AlignConfig field fixed by an index file
-_INDEX_OPTIONS = {
-    "resolution": "resolution_angstrom", "symmetry": "symmetry",
-    "angular_step": "angular_step_deg", "psi_step": "psi_step_deg",
-    "shift_step": "shift_step_px", "max_shift": "max_shift_px", "ctf_mode": "ctf_mode",
-    "index": "index", "metric": "metric", "seed": "seed", "target_recall": "target_recall",
-    "weighting": "weighting", "transform": "transform",
-    # the noise spectrum (hence the mask it was measured in) is stored in the index
-    "particle_diameter": "particle_diameter_angstrom",
-}
+#: unit suffixes of AlignConfig fields that their command-line options leave out
+_UNIT_SUFFIXES = ("_angstrom", "_deg", "_px")
+
+
+def _option_name(field_name: str) -> str:
+    """The ``align`` option of an AlignConfig field (``max_shift_px`` → ``max_shift``)."""
+    for suffix in _UNIT_SUFFIXES:
+        if field_name.endswith(suffix):
+            return field_name[: -len(suffix)]
+    return field_name
+
+
+def _check_index_options(ctx: typer.Context, index_file: Path, base: dict) -> None:
+    """Refuse options given on the command line that differ from what the index was built with.
+
+    The index fixes the search and noise sections (:mod:`swiftalign.configs`).
+    """
+    from swiftalign.configs import NoiseConfig, SearchConfig
+
+    for name in (*SearchConfig.model_fields, *NoiseConfig.model_fields):
+        option = _option_name(name)
+        if option not in ctx.params:
+            continue
+        source = ctx.get_parameter_source(option)
+        if getattr(source, "name", "") == "COMMANDLINE" and ctx.params[option] != base.get(name):
+            raise ValueError(
+                f"{index_file}: built with {name} = {base.get(name)!r}; --"
+                f"{option.replace('_', '-')} {ctx.params[option]!r} differs (leave it out or "
+                "rebuild the index)")
+
+
+def _check_modes(particles: Path | None, watch: Path | None, index_file: Path | None,
+                 scheduler: str | None, workers: int | None, k: int) -> None:
+    """Refuse combinations of the four execution modes (map, index, watch, cluster)."""
+    if (particles is None) == (watch is None):
+        raise ValueError("give either a PARTICLES.star file or --watch DIR")
+    if (watch is not None or scheduler is not None or workers is not None) and not index_file:
+        flag = "--watch" if watch is not None else "--scheduler/--workers"
+        raise ValueError(f"{flag} needs --index-file (build one with `swiftalign index build`)")
+    if watch is not None and (scheduler is not None or workers is not None):
+        raise ValueError("--watch aligns in this process; leave out --scheduler/--workers")
+    if watch is not None and k > 1:
+        raise ValueError("-k > 1 is not supported with --watch")
+
+
+def _align_config(ctx: typer.Context, index_file: Path | None, reference: Path | None,
+                  per_run: dict):
+    """The AlignConfig of the command line: from the index manifest, or from the options."""
+    from swiftalign.alignment import AlignConfig
+    from swiftalign.configs import NoiseConfig, SearchConfig
+
+    p = ctx.params
+    if index_file is not None:
+        from swiftalign.index_file import manifest_config, read_manifest
+
+        if reference is not None:
+            raise ValueError(f"--reference and --index-file are exclusive: {index_file} "
+                             "holds its reference map")
+        base = manifest_config(read_manifest(index_file))
+        _check_index_options(ctx, index_file, base)
+        config = AlignConfig(**{**base, **per_run})
+    else:
+        if reference is None or p["resolution"] is None:
+            raise ValueError("give --reference and --resolution (or --index-file)")
+        fields = {name: p[_option_name(name)] for name in
+                  (*SearchConfig.model_fields, *NoiseConfig.model_fields)
+                  if _option_name(name) in p}
+        config = AlignConfig(**fields, **per_run)
+    config.symmetry_checked()
+    return config
 
 
 def align_command(
@@ -138,12 +198,8 @@ def align_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign align`` (help: the module docstring)."""
     from pydantic import ValidationError
-
-    from swiftalign.alignment import AlignConfig, align_particles
-    from swiftalign.io.mrc import read_map
-    from swiftalign.io.particles import open_usable_particles
-    from swiftalign.io.star import read_particles
 
     output = Path(output)
     try:
@@ -153,55 +209,13 @@ def align_command(
     describe_job(f"align → {output}")
     setup_logging(verbose, quiet, output.with_name(output.stem + ".log"))
     t_start = time.perf_counter()
-    run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
-           "local_rounds": local_rounds, "local_resolution_factor": local_resolution_factor,
-           "device": device, "gpu_float16": gpu_fp16, "max_memory_gb": max_memory}
+    per_run = {"nprobe": nprobe, "rerank": rerank, "ctf_candidates": ctf_candidates, "k": k,
+               "local_rounds": local_rounds, "local_resolution_factor": local_resolution_factor,
+               "device": device, "gpu_float16": gpu_fp16, "max_memory_gb": max_memory,
+               "force_symmetry": force_symmetry}
     try:
-        if (particles is None) == (watch is None):
-            raise ValueError("give either a PARTICLES.star file or --watch DIR")
-        if (watch is not None or scheduler is not None or workers is not None) and not index_file:
-            flag = "--watch" if watch is not None else "--scheduler/--workers"
-            raise ValueError(f"{flag} needs --index-file (build one with `swiftalign index "
-                             "build`)")
-        if watch is not None and (scheduler is not None or workers is not None):
-            raise ValueError("--watch aligns in this process; leave out --scheduler/--workers")
-        if watch is not None and k > 1:
-            raise ValueError("-k > 1 is not supported with --watch")
-        if index_file is not None:
-            from swiftalign.index_file import manifest_config, read_manifest
-
-            if reference is not None:
-                raise ValueError(f"--reference and --index-file are exclusive: {index_file} "
-                                 "holds its reference map")
-            base = manifest_config(read_manifest(index_file))
-            given = {"resolution": resolution, "symmetry": symmetry,
-                     "angular_step": angular_step, "psi_step": psi_step,
-                     "shift_step": shift_step, "max_shift": max_shift, "ctf_mode": ctf_mode,
-                     "index": index, "metric": metric, "seed": seed,
-                     "target_recall": target_recall, "weighting": weighting,
-                     "transform": transform, "particle_diameter": particle_diameter}
-            for option, name in _INDEX_OPTIONS.items():
-                source = ctx.get_parameter_source(option)
-                if getattr(source, "name", "") == "COMMANDLINE":
-                    value = given[option]
-                    if value != base.get(name):
-                        raise ValueError(
-                            f"{index_file}: built with {name} = {base.get(name)!r}; --"
-                            f"{option.replace('_', '-')} {value!r} differs (leave it out or "
-                            "rebuild the index)")
-            config = AlignConfig(**{**base, **run})
-        else:
-            if reference is None or resolution is None:
-                raise ValueError("give --reference and --resolution (or --index-file)")
-            config = AlignConfig(
-                resolution_angstrom=resolution, symmetry=symmetry, angular_step_deg=angular_step,
-                psi_step_deg=psi_step, shift_step_px=shift_step, max_shift_px=max_shift,
-                ctf_mode=ctf_mode, weighting=weighting, transform=transform, index=index,
-                target_recall=target_recall, metric=metric, seed=seed,
-                particle_diameter_angstrom=particle_diameter, force_symmetry=force_symmetry,
-                **run,
-            )
-        config.symmetry_checked()
+        _check_modes(particles, watch, index_file, scheduler, workers, k)
+        config = _align_config(ctx, index_file, reference, per_run)
     except (ValidationError, *USER_ERRORS) as exc:
         fail(exc)
     if watch is not None:
@@ -210,17 +224,8 @@ def align_command(
                interval_s=watch_interval, quiet=quiet)
         return
     try:
-        if output.is_dir():
-            raise ValueError(f"-o {output} is a folder; give a STAR file name")
-        if output.resolve() == Path(particles).resolve():
-            raise ValueError(f"-o {output} is the input STAR file; give another name")
-        table = read_particles(particles, angpix=angpix)
-        table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
-        if index_file is not None:
-            from swiftalign.alignment import check_reference_set
-            from swiftalign.index_file import read_header
-
-            check_reference_set(table, images, read_header(index_file), config)
+        table, images = _open_particles(particles, output, index_file, config, angpix=angpix,
+                                        max_bad_fraction=max_bad_fraction)
         if scheduler is not None or workers is not None:
             from swiftalign.cluster import align_on_cluster
 
@@ -230,22 +235,8 @@ def align_command(
                                           n_workers=workers or 1, chunk_size=chunk_size,
                                           progress=progress)
         else:
-            if index_file is not None:
-                from swiftalign.alignment import resolve_device
-                from swiftalign.index_file import load_reference_index
-
-                t0 = time.perf_counter()
-                ref = load_reference_index(index_file, device=resolve_device(config.device))
-                t_load = time.perf_counter() - t0
-            else:
-                ref = read_map(reference, voxel_size_angstrom=reference_angpix,
-                               box_px=images.box_size,
-                               pixel_size_angstrom=float(table.pixel_size_angstrom[0]))
-            with progress_bars(quiet) as progress:
-                result = align_particles(table, images, ref, config, progress=progress)
-            if index_file is not None:
-                result.timings["index_load"] = t_load
-            images.close()
+            result = _align_here(table, images, config, index_file, reference,
+                                 reference_angpix=reference_angpix, quiet=quiet)
     except (ImportError, *USER_ERRORS) as exc:
         fail(exc)
     try:
@@ -299,6 +290,49 @@ def _write_outputs(output: Path, table, result, *, k: int, config, device: str, 
             n_particles=len(table),
         )
         write_json(stage.path(output.with_name(output.stem + "_run.json")), record)
+
+
+def _open_particles(particles: Path, output: Path, index_file: Path | None, config, *,
+                    angpix: float | None, max_bad_fraction: float):
+    """Read and check the particles (and that an index file fits them) before any long work."""
+    from swiftalign.io.particles import open_usable_particles
+    from swiftalign.io.star import read_particles
+
+    if output.is_dir():
+        raise ValueError(f"-o {output} is a folder; give a STAR file name")
+    if output.resolve() == Path(particles).resolve():
+        raise ValueError(f"-o {output} is the input STAR file; give another name")
+    table = read_particles(particles, angpix=angpix)
+    table, images = open_usable_particles(table, max_bad_fraction=max_bad_fraction)
+    if index_file is not None:
+        from swiftalign.alignment import check_reference_set
+        from swiftalign.index_file import read_header
+
+        check_reference_set(table, images, read_header(index_file), config)
+    return table, images
+
+
+def _align_here(table, images, config, index_file: Path | None, reference: Path | None, *,
+                reference_angpix: float | None, quiet: bool):
+    """Align in this process against the index file or the reference map."""
+    from swiftalign.alignment import align_particles, resolve_device
+    from swiftalign.index_file import load_reference_index
+    from swiftalign.io.mrc import read_map
+
+    t_load = 0.0
+    if index_file is not None:
+        t0 = time.perf_counter()
+        ref = load_reference_index(index_file, device=resolve_device(config.device))
+        t_load = time.perf_counter() - t0
+    else:
+        ref = read_map(reference, voxel_size_angstrom=reference_angpix, box_px=images.box_size,
+                       pixel_size_angstrom=float(table.pixel_size_angstrom[0]))
+    with progress_bars(quiet) as progress:
+        result = align_particles(table, images, ref, config, progress=progress)
+    if index_file is not None:
+        result.timings["index_load"] = t_load
+    images.close()
+    return result
 
 
 def _watch(folder: Path, index_file: Path, config, output: Path, *, angpix, max_bad_fraction,

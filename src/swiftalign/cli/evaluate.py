@@ -26,28 +26,6 @@ from swiftalign.cli._common import (
 )
 
 
-def print_summary(summary: dict, title: str = "pose errors") -> None:
-    """Print a summary table to stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("quantity")
-    for col in ("median", "mean", "p90"):
-        table.add_column(col, justify="right")
-    for key, label in (
-        ("angular_error_deg", "angular error (°)"),
-        ("shift_error_angstrom", "shift error (Å)"),
-        ("shift_error_px", "shift error (px)"),
-    ):
-        v = summary[key]
-        table.add_row(label, f"{v['median']:.2f}", f"{v['mean']:.2f}", f"{v['p90']:.2f}")
-    Console().print(table)
-    if "fraction_within_step" in summary:
-        print(f"fraction within ΔΦ = {summary['angular_step_deg']:.2f}°: "
-              f"{summary['fraction_within_step']:.3f}")
-
-
 def evaluate_command(
     aligned: Annotated[Path, typer.Argument(
         help="STAR (or cryoSPARC .cs) file with assigned poses (rlnAngleRot/Tilt/Psi in °, "
@@ -69,7 +47,8 @@ def evaluate_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    from swiftalign.evaluate import compare_tables
+    """``swiftalign evaluate`` (help: the module docstring)."""
+    from swiftalign.evaluate import compare_tables, print_summary
     from swiftalign.io.star import read_particles
 
     t0 = time.perf_counter()

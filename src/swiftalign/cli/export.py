@@ -50,6 +50,7 @@ def export_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign export`` (help: the module docstring)."""
     from swiftalign.export import write_bild, write_cryosparc
     from swiftalign.io.star import read_particles
 

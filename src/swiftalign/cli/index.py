@@ -88,6 +88,7 @@ def build_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign index build``."""
     from pydantic import ValidationError
 
     from swiftalign.alignment import AlignConfig, build_reference_set, reference_at_pixel_size
@@ -181,6 +182,7 @@ def _noise_from_particles(path: Path, config, *, angpix: float | None):
 def info_command(
     index_file: Annotated[Path, typer.Argument(help="Index file (.swidx).")],
 ) -> None:
+    """``swiftalign index info``."""
     from swiftalign.index_file import read_manifest
 
     try:

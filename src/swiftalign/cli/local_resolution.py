@@ -78,6 +78,7 @@ def local_resolution_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign local-resolution`` (help: the module docstring)."""
     import numpy as np
 
     from swiftalign.cli.postprocess import read_half_maps

@@ -58,6 +58,7 @@ def mask_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign mask`` (help: the module docstring)."""
     from swiftalign.io.mrc import read_map, write_map
     from swiftalign.mask import create_mask, relion_lowpass
 

@@ -75,6 +75,7 @@ def postprocess_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign postprocess`` (help: the module docstring)."""
     from swiftalign.postprocess import postprocess_half_maps, write_postprocess
 
     setup_logging(verbose, quiet, Path(output) / "postprocess.log")

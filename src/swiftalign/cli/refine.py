@@ -120,6 +120,7 @@ def refine_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign refine`` (help: the module docstring)."""
     from swiftalign.cli._refine_job import resolve_refine_params
 
     params = resolve_refine_params(ctx)
@@ -128,7 +129,7 @@ def refine_command(
         _print_summary(result, out)
 
 
-def _run(p: dict) -> tuple[dict, Path]:
+def _run(p: dict) -> tuple:
     """Lock the folder, read and check the inputs, save the job, run the refinement."""
     from pydantic import ValidationError
 
@@ -137,6 +138,7 @@ def _run(p: dict) -> tuple[dict, Path]:
     from swiftalign.io.particles import open_usable_particles
     from swiftalign.io.star import read_particles
     from swiftalign.refinement import RefineConfig, run_refinement
+    from swiftalign.run_folder import RunFolder
     from swiftalign.symmetry import parse_symmetry
 
     continue_dir = p["continue_dir"]
@@ -177,7 +179,7 @@ def _run(p: dict) -> tuple[dict, Path]:
         if continue_dir is None:
             discard_failed_run(out)
         fail(exc)
-    setup_logging(p["verbose"], p["quiet"], out / "run.log")
+    setup_logging(p["verbose"], p["quiet"], RunFolder(out).log_path)
     describe_job(f"refine into {out}", f"swiftalign refine --continue {out}", keep_log=True)
     if restart:
         import logging
@@ -201,16 +203,17 @@ def _run(p: dict) -> tuple[dict, Path]:
     return result, out
 
 
-def _print_summary(result: dict, out: Path) -> None:
+def _print_summary(result, out: Path) -> None:
+    """The per-iteration table and the final resolution."""
     from rich.table import Table
 
     t = Table(title="refinement")
     for col in ("iteration", "align at (Å)", "resolution (Å)", "kept", "rejected", "time (s)"):
         t.add_column(col, justify="right")
-    for h in result["history"]:
+    for h in result.history:
         t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
                   f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
                   str(h["kept"]), str(h["rejected"]),
                   f"{h['seconds']:.0f}")
     console.print(t)
-    console.print(f"final resolution {result['resolution_angstrom']:.2f} Å → {out}/final")
+    console.print(f"final resolution {result.resolution_angstrom:.2f} Å → {out}/final")

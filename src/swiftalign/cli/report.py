@@ -34,6 +34,7 @@ def report_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign report`` (help: the module docstring)."""
     from swiftalign.report import build_report, find_runs
 
     setup_logging(verbose, quiet)

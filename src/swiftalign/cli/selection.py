@@ -46,6 +46,7 @@ def select_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign select`` (help: the module docstring)."""
     from swiftalign.io.star import read_particles
     from swiftalign.selection import select_particles, write_selection
 

@@ -54,6 +54,7 @@ def simulate_command(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
+    """``swiftalign simulate`` (help: the module docstring)."""
     from swiftalign.api import simulate
     from swiftalign.io.mrc import read_map
 

@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 
 from swiftalign.errors import StarFileError
+from swiftalign.io.table import ParticleTable
 
 __all__ = ["read_cryosparc", "is_cryosparc_file", "CS_REQUIRED_FIELDS"]
 
@@ -195,6 +196,106 @@ def _multiclass_poses(cs: np.ndarray, path: Path, classes: list[int]) -> dict[st
     return out
 
 
+def _image_names(cs: np.ndarray, path: Path) -> pd.Series:
+    """``rlnImageName`` (``N@stack``, stacks relative to the file's folder) of every particle."""
+    stacks = _decode(cs["blob/path"])
+    empty = stacks == ""
+    if empty.any():
+        raise StarFileError(f"{path}: particle {int(np.argmax(empty)) + 1} has an empty 'blob/path'")
+    index = _numeric(cs, path, "blob/idx")
+    if (index < 0).any() or (index != np.round(index)).any():
+        i = int(np.argmax((index < 0) | (index != np.round(index))))
+        raise StarFileError(f"{path}: particle {i + 1} has 'blob/idx' {index[i]} (must be an "
+                            "integer >= 0)")
+    rel = _resolve_stacks(stacks, path.parent)
+    return pd.Series(index.astype(np.int64) + 1).astype(str) + "@" + pd.Series(rel)
+
+
+def _pixel_sizes(cs: np.ndarray, path: Path, angpix: float | None) -> np.ndarray:
+    """`(n,)` pixel sizes (Å/px): ``blob/psize_A``, ``angpix`` where it is missing or 0."""
+    names = cs.dtype.names
+    if "blob/psize_A" in names:
+        pixel_size = _numeric(cs, path, "blob/psize_A")
+    else:
+        pixel_size = np.zeros(len(cs))
+    if not (pixel_size > 0).all():
+        if angpix is None:
+            i = int(np.argmax(~(pixel_size > 0)))
+            raise StarFileError(
+                f"{path}: particle {i + 1} has no pixel size ('blob/psize_A' "
+                f"{'missing' if 'blob/psize_A' not in names else pixel_size[i]}); pass --angpix"
+            )
+        pixel_size = np.where(pixel_size > 0, pixel_size, float(angpix))
+    return pixel_size
+
+
+def _add_poses(particles: pd.DataFrame, cs: np.ndarray, path: Path, pose: dict[str, str],
+               pixel_size: np.ndarray) -> None:
+    """Add RELION pose columns (angles, origins in Å, half sets, classes) from the pose fields."""
+    from scipy.spatial.transform import Rotation
+
+    from swiftalign.conventions import matrix_to_euler
+
+    n = len(cs)
+    if "multiclass" in pose:
+        fields = _multiclass_poses(cs, path, [int(k) for k in pose["multiclass"].split(",")])
+    else:
+        fields = {"pose": _numeric(cs, path, pose["pose"], width=3)}
+        if "shift" in pose:
+            fields["shift"] = _numeric(cs, path, pose["shift"], width=2)
+        for key in ("psize_A", "split", "class"):
+            if key in pose:
+                fields[key] = _numeric(cs, path, pose[key])
+    # RELION A = R(v)ᵀ (R: Rodrigues rotation of the axis-angle vector v)
+    euler = matrix_to_euler(Rotation.from_rotvec(fields["pose"]).as_matrix().transpose(0, 2, 1))
+    particles["rlnAngleRot"] = euler[:, 0]
+    particles["rlnAngleTilt"] = euler[:, 1]
+    particles["rlnAnglePsi"] = euler[:, 2]
+    shift = fields.get("shift", np.zeros((n, 2)))
+    shift_psize = fields.get("psize_A", pixel_size)
+    shift_psize = np.where(shift_psize > 0, shift_psize, pixel_size)
+    particles["rlnOriginXAngst"] = shift[:, 0] * shift_psize
+    particles["rlnOriginYAngst"] = shift[:, 1] * shift_psize
+    if "split" in fields:
+        split = fields["split"]
+        if not np.isin(split, (0, 1)).all():
+            i = int(np.argmax(~np.isin(split, (0, 1))))
+            raise StarFileError(f"{path}: particle {i + 1} has split {split[i]:g} (must be "
+                                "0 or 1)")
+        particles["rlnRandomSubset"] = split.astype(int) + 1
+    if "class" in fields:
+        particles["rlnClassNumber"] = fields["class"].astype(int) + 1
+
+
+def _optics_groups(cs: np.ndarray, path: Path, particles: pd.DataFrame, pixel_size: np.ndarray,
+                   voltage: np.ndarray, cs_mm: np.ndarray,
+                   amplitude_contrast: np.ndarray) -> pd.DataFrame:
+    """The optics block (one group per exposure group and optics); sets ``rlnOpticsGroup``."""
+    names = cs.dtype.names
+    n = len(cs)
+    exposure = (_numeric(cs, path, "ctf/exp_group_id") if "ctf/exp_group_id" in names
+                else np.zeros(n))
+    keys = np.stack([exposure, pixel_size, voltage, cs_mm, amplitude_contrast], axis=1)
+    uniq, group0 = np.unique(keys.round(6), axis=0, return_inverse=True)
+    groups = group0.reshape(-1) + 1
+    particles["rlnOpticsGroup"] = groups
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": [f"exp_group_{int(e)}" for e in uniq[:, 0]],
+        "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
+        "rlnVoltage": uniq[:, 2],
+        "rlnSphericalAberration": uniq[:, 3],
+        "rlnAmplitudeContrast": uniq[:, 4],
+        "rlnImagePixelSize": uniq[:, 1],
+        "rlnImageDimensionality": 2,
+    })
+    if "blob/shape" in names:
+        shape = np.asarray(cs["blob/shape"]).reshape(n, -1)
+        box = np.zeros(len(uniq), dtype=int)
+        box[groups - 1] = shape[:, -1]
+        optics["rlnImageSize"] = box
+    return optics
+
+
 def read_cryosparc(path: str | Path, *, angpix: float | None = None):
     """Read a cryoSPARC particle ``.cs`` file into a :class:`ParticleTable`.
 
@@ -223,8 +324,6 @@ def read_cryosparc(path: str | Path, *, angpix: float | None = None):
         (``blob/path``, ``blob/idx``, ``ctf/…``), a non-finite value (names
         particle and field), or no pixel size and no ``angpix``.
     """
-    from swiftalign.io.star import ParticleTable
-
     path = Path(path)
     if angpix is not None and not angpix > 0:
         raise StarFileError(f"--angpix {angpix}: the pixel size must be positive (Å/px)")
@@ -232,30 +331,8 @@ def read_cryosparc(path: str | Path, *, angpix: float | None = None):
     names = cs.dtype.names
     n = len(cs)
 
-    stacks = _decode(cs["blob/path"])
-    empty = stacks == ""
-    if empty.any():
-        raise StarFileError(f"{path}: particle {int(np.argmax(empty)) + 1} has an empty 'blob/path'")
-    index = _numeric(cs, path, "blob/idx")
-    if (index < 0).any() or (index != np.round(index)).any():
-        i = int(np.argmax((index < 0) | (index != np.round(index))))
-        raise StarFileError(f"{path}: particle {i + 1} has 'blob/idx' {index[i]} (must be an "
-                            "integer >= 0)")
-    rel = _resolve_stacks(stacks, path.parent)
-    image_names = (pd.Series(index.astype(np.int64) + 1).astype(str) + "@" + pd.Series(rel))
-
-    if "blob/psize_A" in names:
-        pixel_size = _numeric(cs, path, "blob/psize_A")
-    else:
-        pixel_size = np.zeros(n)
-    if not (pixel_size > 0).all():
-        if angpix is None:
-            i = int(np.argmax(~(pixel_size > 0)))
-            raise StarFileError(
-                f"{path}: particle {i + 1} has no pixel size ('blob/psize_A' "
-                f"{'missing' if 'blob/psize_A' not in names else pixel_size[i]}); pass --angpix"
-            )
-        pixel_size = np.where(pixel_size > 0, pixel_size, float(angpix))
+    image_names = _image_names(cs, path)
+    pixel_size = _pixel_sizes(cs, path, angpix)
 
     voltage = _numeric(cs, path, "ctf/accel_kv")
     cs_mm = _numeric(cs, path, "ctf/cs_mm")
@@ -276,59 +353,9 @@ def read_cryosparc(path: str | Path, *, angpix: float | None = None):
 
     pose = _pose_fields(cs)
     if pose is not None:
-        from scipy.spatial.transform import Rotation
+        _add_poses(particles, cs, path, pose, pixel_size)
 
-        if "multiclass" in pose:
-            fields = _multiclass_poses(cs, path, [int(k) for k in pose["multiclass"].split(",")])
-        else:
-            fields = {"pose": _numeric(cs, path, pose["pose"], width=3)}
-            if "shift" in pose:
-                fields["shift"] = _numeric(cs, path, pose["shift"], width=2)
-            for key in ("psize_A", "split", "class"):
-                if key in pose:
-                    fields[key] = _numeric(cs, path, pose[key])
-        from swiftalign.conventions import matrix_to_euler
-
-        # RELION A = R(v)ᵀ (R: Rodrigues rotation of the axis-angle vector v)
-        euler = matrix_to_euler(Rotation.from_rotvec(fields["pose"]).as_matrix().transpose(0, 2, 1))
-        particles["rlnAngleRot"] = euler[:, 0]
-        particles["rlnAngleTilt"] = euler[:, 1]
-        particles["rlnAnglePsi"] = euler[:, 2]
-        shift = fields.get("shift", np.zeros((n, 2)))
-        shift_psize = fields.get("psize_A", pixel_size)
-        shift_psize = np.where(shift_psize > 0, shift_psize, pixel_size)
-        particles["rlnOriginXAngst"] = shift[:, 0] * shift_psize
-        particles["rlnOriginYAngst"] = shift[:, 1] * shift_psize
-        if "split" in fields:
-            split = fields["split"]
-            if not np.isin(split, (0, 1)).all():
-                i = int(np.argmax(~np.isin(split, (0, 1))))
-                raise StarFileError(f"{path}: particle {i + 1} has split {split[i]:g} (must be "
-                                    "0 or 1)")
-            particles["rlnRandomSubset"] = split.astype(int) + 1
-        if "class" in fields:
-            particles["rlnClassNumber"] = fields["class"].astype(int) + 1
-
-    exposure = (_numeric(cs, path, "ctf/exp_group_id") if "ctf/exp_group_id" in names
-                else np.zeros(n))
-    keys = np.stack([exposure, pixel_size, voltage, cs_mm, amplitude_contrast], axis=1)
-    uniq, group0 = np.unique(keys.round(6), axis=0, return_inverse=True)
-    groups = group0.reshape(-1) + 1
-    particles["rlnOpticsGroup"] = groups
-    optics = pd.DataFrame({
-        "rlnOpticsGroupName": [f"exp_group_{int(e)}" for e in uniq[:, 0]],
-        "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
-        "rlnVoltage": uniq[:, 2],
-        "rlnSphericalAberration": uniq[:, 3],
-        "rlnAmplitudeContrast": uniq[:, 4],
-        "rlnImagePixelSize": uniq[:, 1],
-        "rlnImageDimensionality": 2,
-    })
-    if "blob/shape" in names:
-        shape = np.asarray(cs["blob/shape"]).reshape(n, -1)
-        box = np.zeros(len(uniq), dtype=int)
-        box[groups - 1] = shape[:, -1]
-        optics["rlnImageSize"] = box
+    optics = _optics_groups(cs, path, particles, pixel_size, voltage, cs_mm, amplitude_contrast)
     return ParticleTable(
         particles=particles,
         optics=optics,

@@ -7,13 +7,19 @@ in batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 from swiftalign.errors import MrcFileError, StarFileError
 from swiftalign.io.mrc import open_stack
-from swiftalign.io.star import ParticleTable, parse_image_name
+from swiftalign.io.star import parse_image_name
+from swiftalign.io.table import ParticleTable
 
 __all__ = ["ParticleImages", "clip_hot_pixels", "open_usable_particles"]
 
@@ -113,6 +119,8 @@ class ParticleImages:
                     f"{table.path}: particle {i + 1} rlnImageName {names[i]!r}: index "
                     f"{self._index[i] + 1} is beyond stack {p}, which holds {n_images} images"
                 )
+        if box is None:
+            raise MrcFileError(f"{table.path}: no particle images")
         self.box_size: int = int(box)
 
     def __len__(self) -> int:
@@ -225,6 +233,41 @@ class ParticleImages:
             row = int(indices[int(np.argmax(~finite))])
             raise MrcFileError(f"{self._describe(row)} has non-finite pixels")
         return clip_hot_pixels(out)
+
+    def batches(self, rows: np.ndarray, batch_size: int,
+                device: str = "cpu") -> Iterator[tuple[slice, np.ndarray, torch.Tensor]]:
+        """Read ``rows`` in consecutive batches as tensors (the one stack reader of the kernels).
+
+        Parameters
+        ----------
+        rows : np.ndarray
+            `(m,)` STAR rows, read in this order.
+        batch_size : int
+            Images per batch.
+        device : str
+            Torch device of the yielded images.
+
+        Yields
+        ------
+        positions : slice
+            Positions of the batch within ``rows``.
+        batch_rows : np.ndarray
+            `(b,)` the STAR rows of the batch.
+        images : torch.Tensor
+            `(b, N, N)` float32 images (:meth:`read`: checked and hot pixels clipped).
+
+        Raises
+        ------
+        MrcFileError
+            See :meth:`read`.
+        """
+        import torch
+
+        rows = np.asarray(rows)
+        for start in range(0, len(rows), batch_size):
+            positions = slice(start, min(len(rows), start + batch_size))
+            yield positions, rows[positions], torch.as_tensor(self.read(rows[positions]),
+                                                              device=device)
 
 
 def open_usable_particles(

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import starfile
 from swiftalign.errors import StarFileError
 from swiftalign.io.atomic import atomic_write
 from swiftalign.io.checks import require_regular_file
+from swiftalign.io.table import ParticleTable
 
 __all__ = [
     "ParticleTable",
@@ -51,94 +52,6 @@ _OPTICS_FIELDS = {
     "rlnSphericalAberration": "cs_mm",
     "rlnAmplitudeContrast": "amplitude_contrast",
 }
-
-
-@dataclass
-class ParticleTable:
-    """Particles of one STAR file with their optics resolved per particle.
-
-    Attributes
-    ----------
-    particles : pd.DataFrame
-        The particle block as read (every column kept), one row per particle.
-    optics : pd.DataFrame or None
-        The optics block (3.1+), or None for a 3.0 file.
-    path : Path
-        The STAR file (image paths are relative to its folder).
-    pixel_size_angstrom, voltage_kv, cs_mm, amplitude_contrast : np.ndarray
-        `(n,)` per-particle optics.
-    other_blocks : dict
-        Any further blocks, kept for writing back.
-    particle_block_name : str
-        Name of the particle block in the input.
-    """
-
-    particles: pd.DataFrame
-    optics: pd.DataFrame | None
-    path: Path
-    pixel_size_angstrom: np.ndarray
-    voltage_kv: np.ndarray
-    cs_mm: np.ndarray
-    amplitude_contrast: np.ndarray
-    other_blocks: dict = field(default_factory=dict)
-    particle_block_name: str = "particles"
-
-    def __len__(self) -> int:
-        return len(self.particles)
-
-    def column(self, name: str, default: float | None = None) -> np.ndarray:
-        """A numeric particle column as float64, or ``default`` everywhere."""
-        if name in self.particles:
-            return self.particles[name].to_numpy(dtype=np.float64)
-        if default is None:
-            raise StarFileError(f"{self.path}: particle block has no column '{name}'")
-        return np.full(len(self), float(default))
-
-    def subset(self, keep: np.ndarray) -> ParticleTable:
-        """The particles selected by a `(n,)` bool mask or index array (rows renumbered)."""
-        keep = np.asarray(keep)
-        return ParticleTable(
-            particles=self.particles.iloc[keep].reset_index(drop=True)
-            if keep.dtype != bool else self.particles[keep].reset_index(drop=True),
-            optics=self.optics,
-            path=self.path,
-            pixel_size_angstrom=self.pixel_size_angstrom[keep],
-            voltage_kv=self.voltage_kv[keep],
-            cs_mm=self.cs_mm[keep],
-            amplitude_contrast=self.amplitude_contrast[keep],
-            other_blocks=self.other_blocks,
-            particle_block_name=self.particle_block_name,
-        )
-
-    def image_names(self) -> list[str]:
-        """The ``rlnImageName`` entries."""
-        if "rlnImageName" not in self.particles:
-            raise StarFileError(f"{self.path}: particle block has no column 'rlnImageName'")
-        return self.particles["rlnImageName"].astype(str).tolist()
-
-    def origins_shift_px(self) -> np.ndarray:
-        """Per-particle shifts `(n, 2)` (y, x) in px, from the origin columns (0 if none)."""
-        from swiftalign.conventions import origin_angstrom_to_shift_px
-
-        df = self.particles
-        ps = self.pixel_size_angstrom
-        has_a = "rlnOriginXAngst" in df and "rlnOriginYAngst" in df
-        has_px = "rlnOriginX" in df and "rlnOriginY" in df
-        origin_a = np.zeros((len(df), 2))
-        if has_a:
-            origin_a = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
-        if has_px:
-            from_px = df[["rlnOriginX", "rlnOriginY"]].to_numpy(np.float64) * ps[:, None]
-            if has_a:
-                if not np.allclose(from_px, origin_a, atol=1e-3 * ps.max()):
-                    warnings.warn(
-                        f"{self.path}: rlnOriginX/Y (px) and rlnOriginX/YAngst (Å) disagree; "
-                        "using rlnOriginX/YAngst",
-                        stacklevel=2,
-                    )
-            else:
-                origin_a = from_px
-        return origin_angstrom_to_shift_px(origin_a, ps)
 
 
 #: RELION labels whose values must be numbers (checked with file line numbers on reading).
@@ -290,6 +203,90 @@ def _find_particle_block(path: Path, blocks: dict) -> str:
     return candidates[0]
 
 
+def _optics_from_groups(path: Path, pname: str, particles: pd.DataFrame,
+                        optics: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per-particle optics `(n,)` from the optics block (3.1+); the optics group wins."""
+    n = len(particles)
+    resolved: dict[str, np.ndarray] = {}
+    groups = optics["rlnOpticsGroup"].astype(int).to_numpy()
+    if "rlnOpticsGroup" in particles:
+        pg = particles["rlnOpticsGroup"].astype(int).to_numpy()
+    elif len(optics) == 1:
+        pg = np.full(n, groups[0])
+    else:
+        raise StarFileError(
+            f"{path}: {len(optics)} optics groups but block 'data_{pname}' has no label "
+            "'rlnOpticsGroup'"
+        )
+    lookup = {g: i for i, g in enumerate(groups)}
+    missing = sorted(set(pg.tolist()) - set(lookup))
+    if missing:
+        raise StarFileError(
+            f"{path}: block 'data_{pname}' label 'rlnOpticsGroup' value {missing[0]} has no "
+            "row in block 'data_optics'"
+        )
+    rows = np.array([lookup[g] for g in pg])
+    for col, key in list(_OPTICS_FIELDS.items()) + [("rlnImagePixelSize", "pixel_size")]:
+        if col in optics:
+            vals = optics[col].to_numpy(np.float64)[rows]
+            if col in particles:
+                per = particles[col].to_numpy(np.float64)
+                bad = ~np.isclose(per, vals, rtol=1e-4)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    warnings.warn(
+                        f"{path}: particle {i + 1} has {col}={per[i]} but its optics group "
+                        f"{pg[i]} says {vals[i]}; the optics group wins",
+                        stacklevel=3,
+                    )
+            resolved[key] = vals
+    if "pixel_size" not in resolved and "rlnDetectorPixelSize" in optics and (
+        "rlnMagnification" in optics
+    ):
+        resolved["pixel_size"] = (
+            optics["rlnDetectorPixelSize"].to_numpy(np.float64)
+            * 1e4
+            / optics["rlnMagnification"].to_numpy(np.float64)
+        )[rows]
+    return resolved
+
+
+def _optics_from_particles(path: Path, pname: str, particles: pd.DataFrame,
+                           has_optics: bool, resolved: dict[str, np.ndarray],
+                           angpix: float | None) -> None:
+    """Complete ``resolved`` from particle columns, ``angpix`` and defaults; check it is finite."""
+    n = len(particles)
+    for col, key in _OPTICS_FIELDS.items():
+        if key not in resolved and col in particles:
+            resolved[key] = particles[col].to_numpy(np.float64)
+    if "pixel_size" not in resolved:
+        if "rlnImagePixelSize" in particles:
+            resolved["pixel_size"] = particles["rlnImagePixelSize"].to_numpy(np.float64)
+        elif "rlnDetectorPixelSize" in particles and "rlnMagnification" in particles:
+            resolved["pixel_size"] = (
+                particles["rlnDetectorPixelSize"].to_numpy(np.float64)
+                * 1e4
+                / particles["rlnMagnification"].to_numpy(np.float64)
+            )
+    if "pixel_size" not in resolved or not np.all(resolved["pixel_size"] > 0):
+        if angpix is None:
+            blocks_named = " or ".join(f"'data_{b}'" for b in (["optics"] if has_optics
+                                                                else []) + [pname])
+            raise StarFileError(
+                f"{path}: no pixel size (block {blocks_named} has no label 'rlnImagePixelSize', "
+                "nor 'rlnDetectorPixelSize' with 'rlnMagnification'); pass --angpix"
+            )
+        resolved["pixel_size"] = np.full(n, float(angpix))
+    defaults = {"voltage_kv": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
+    for key, default in defaults.items():
+        if key not in resolved:
+            resolved[key] = np.full(n, default)
+    for key, vals in resolved.items():
+        if not np.all(np.isfinite(vals)):
+            i = int(np.argmax(~np.isfinite(vals)))
+            raise StarFileError(f"{path}: particle {i + 1} has non-finite {key} ({vals[i]})")
+
+
 def read_particles(path: str | Path, *, angpix: float | None = None) -> ParticleTable:
     """Read a particle file: RELION STAR, or cryoSPARC ``.cs`` (the one dispatch point).
 
@@ -310,8 +307,9 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     Raises
     ------
     StarFileError
-        Not a STAR (or .cs) file, no particles, a malformed row (names file, line,
-        column and value), or no pixel size and no ``angpix``.
+        Not a regular file, not a STAR (or .cs) file, no particles, a malformed row
+        (names file, line, column and value), a missing label (names block and
+        label), or no pixel size and no ``angpix``.
     """
     from swiftalign.io.cryosparc import is_cryosparc_file, read_cryosparc
 
@@ -330,82 +328,14 @@ def read_particles(path: str | Path, *, angpix: float | None = None) -> Particle
     if optics is not None and not isinstance(optics, pd.DataFrame):
         optics = pd.DataFrame([optics])
     others = {k: v for k, v in blocks.items() if k not in (pname, "optics")}
-    n = len(particles)
 
     resolved: dict[str, np.ndarray] = {}
     if optics is not None and len(optics) and "rlnOpticsGroup" not in optics:
         raise StarFileError(f"{path}: block 'data_optics' has no label 'rlnOpticsGroup'")
     if optics is not None and "rlnOpticsGroup" in optics and len(optics):
         optics = optics.reset_index(drop=True)
-        groups = optics["rlnOpticsGroup"].astype(int).to_numpy()
-        if "rlnOpticsGroup" in particles:
-            pg = particles["rlnOpticsGroup"].astype(int).to_numpy()
-        elif len(optics) == 1:
-            pg = np.full(n, groups[0])
-        else:
-            raise StarFileError(
-                f"{path}: {len(optics)} optics groups but block 'data_{pname}' has no label "
-                "'rlnOpticsGroup'"
-            )
-        lookup = {g: i for i, g in enumerate(groups)}
-        missing = sorted(set(pg.tolist()) - set(lookup))
-        if missing:
-            raise StarFileError(
-                f"{path}: block 'data_{pname}' label 'rlnOpticsGroup' value {missing[0]} has no "
-                "row in block 'data_optics'"
-            )
-        rows = np.array([lookup[g] for g in pg])
-        for col, key in list(_OPTICS_FIELDS.items()) + [("rlnImagePixelSize", "pixel_size")]:
-            if col in optics:
-                vals = optics[col].to_numpy(np.float64)[rows]
-                if col in particles:
-                    per = particles[col].to_numpy(np.float64)
-                    bad = ~np.isclose(per, vals, rtol=1e-4)
-                    if bad.any():
-                        i = int(np.argmax(bad))
-                        warnings.warn(
-                            f"{path}: particle {i + 1} has {col}={per[i]} but its optics group "
-                            f"{pg[i]} says {vals[i]}; the optics group wins",
-                            stacklevel=2,
-                        )
-                resolved[key] = vals
-        if "pixel_size" not in resolved and "rlnDetectorPixelSize" in optics and (
-            "rlnMagnification" in optics
-        ):
-            resolved["pixel_size"] = (
-                optics["rlnDetectorPixelSize"].to_numpy(np.float64)
-                * 1e4
-                / optics["rlnMagnification"].to_numpy(np.float64)
-            )[rows]
-    for col, key in _OPTICS_FIELDS.items():
-        if key not in resolved and col in particles:
-            resolved[key] = particles[col].to_numpy(np.float64)
-    if "pixel_size" not in resolved:
-        if "rlnImagePixelSize" in particles:
-            resolved["pixel_size"] = particles["rlnImagePixelSize"].to_numpy(np.float64)
-        elif "rlnDetectorPixelSize" in particles and "rlnMagnification" in particles:
-            resolved["pixel_size"] = (
-                particles["rlnDetectorPixelSize"].to_numpy(np.float64)
-                * 1e4
-                / particles["rlnMagnification"].to_numpy(np.float64)
-            )
-    if "pixel_size" not in resolved or not np.all(resolved["pixel_size"] > 0):
-        if angpix is None:
-            blocks_named = " or ".join(f"'data_{b}'" for b in (["optics"] if optics is not None
-                                                                else []) + [pname])
-            raise StarFileError(
-                f"{path}: no pixel size (block {blocks_named} has no label 'rlnImagePixelSize', "
-                "nor 'rlnDetectorPixelSize' with 'rlnMagnification'); pass --angpix"
-            )
-        resolved["pixel_size"] = np.full(n, float(angpix))
-    defaults = {"voltage_kv": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
-    for key, default in defaults.items():
-        if key not in resolved:
-            resolved[key] = np.full(n, default)
-    for key, vals in resolved.items():
-        if not np.all(np.isfinite(vals)):
-            i = int(np.argmax(~np.isfinite(vals)))
-            raise StarFileError(f"{path}: particle {i + 1} has non-finite {key} ({vals[i]})")
+        resolved = _optics_from_groups(path, pname, particles, optics)
+    _optics_from_particles(path, pname, particles, optics is not None, resolved, angpix)
     return ParticleTable(
         particles=particles,
         optics=optics,
@@ -438,9 +368,12 @@ def parse_image_name(name: str, star_dir: Path) -> tuple[int, Path]:
 
 @functools.lru_cache(maxsize=4096)
 def _resolve_stack(stack: str, star_dir: str, cwd: str) -> Path:
-    """A relative stack path, from the STAR file's folder when it exists there; else, as RELION
+    """A relative stack path resolved.
+
+    From the STAR file's folder when it exists there; else, as RELION
     writes them (relative to the project folder), from the working directory or a folder above
-    the STAR file (e.g. ``Refine3D/job010/run_data.star`` naming ``Extract/job005/…``)."""
+    the STAR file (e.g. ``Refine3D/job010/run_data.star`` naming ``Extract/job005/…``).
+    """
     p = Path(stack)
     if p.is_absolute():
         return p
@@ -518,8 +451,10 @@ def project_relative(found: Path, cwd: str) -> str:
 
 
 def _project_image_names(names: pd.Series, source_dir: Path) -> pd.Series:
-    """Relative ``N@stack`` names rewritten as RELION writes them: relative to the project
-    folder (the working directory), wherever the output STAR file goes; absolute names kept.
+    """Relative ``N@stack`` names rewritten as RELION writes them, from the project folder.
+
+    Relative to the project folder (the working directory), wherever the output
+    STAR file goes; absolute names kept.
 
     Each stack is found as the reader finds it (:func:`parse_image_name`: the input STAR's
     folder, then the working directory and the folders above the STAR file).
@@ -549,8 +484,9 @@ def particle_blocks(
     keep: np.ndarray | None = None,
     project_names: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """The STAR blocks :func:`write_particles` writes to ``path`` (``optics``, ``particles``,
-    any other input blocks), without writing them.
+    """The STAR blocks :func:`write_particles` writes to ``path``, without writing them.
+
+    ``optics``, ``particles`` and any other input blocks.
 
     Raises
     ------
