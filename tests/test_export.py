@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -230,8 +232,10 @@ def test_select_cli_writes_star_with_optics(star, tmp_path):
     expected = src["particles"][src["particles"]["rlnSwiftalignScore"] >= 0.5]
     assert len(blocks["particles"]) == len(expected)
     assert np.allclose(blocks["particles"]["rlnAngleRot"], expected["rlnAngleRot"])
-    # image names still reach the stack from the new folder
-    assert blocks["particles"]["rlnImageName"].iloc[0].endswith("@../stacks/a.mrcs")
+    # image names reach the stack from the project folder (the working directory), as
+    # RELION writes them, wherever the new STAR file goes
+    name = blocks["particles"]["rlnImageName"].iloc[0].split("@", 1)[1]
+    assert os.path.samefile(name, tmp_path / "stacks" / "a.mrcs")
     # nothing passes: an error, no file
     empty = tmp_path / "empty.star"
     r = runner.invoke(app, ["select", str(star), "-o", str(empty), "--min-score", "2"])
