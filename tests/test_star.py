@@ -111,3 +111,31 @@ def test_relion30_written_as_31_with_optics(tmp_path):
     back = read_particles(tmp_path / "o.star")
     assert back.optics is not None
     np.testing.assert_allclose(back.pixel_size_angstrom, t.pixel_size_angstrom, rtol=1e-6)
+
+
+def test_optics_group_and_values_follow_the_optics_block(tmp_path):
+    """One lookup of optics values for every module: a single optics group numbered 2 and a
+    particle block without rlnOpticsGroup resolve to group 2; two groups map per particle."""
+    import starfile
+
+    optics = pd.DataFrame({"rlnOpticsGroup": [2], "rlnOpticsGroupName": ["g2"],
+                           "rlnImagePixelSize": [1.5], "rlnImageSize": [64],
+                           "rlnCtfBfactor": [30.0]})
+    parts = pd.DataFrame({"rlnImageName": ["1@a.mrcs", "2@a.mrcs"],
+                          "rlnDefocusU": [1e4, 2e4], "rlnDefocusV": [1e4, 2e4]})
+    starfile.write({"optics": optics, "particles": parts}, tmp_path / "one.star")
+    table = read_particles(tmp_path / "one.star")
+    assert table.optics_group.tolist() == [2, 2]
+    assert table.optics_value("rlnImageSize").tolist() == [64, 64]
+    assert table.optics_value("rlnNoSuchLabel") is None
+
+    optics2 = pd.concat([optics, optics.assign(rlnOpticsGroup=5, rlnImageSize=96,
+                                               rlnCtfBfactor=-10.0)], ignore_index=True)
+    parts2 = parts.assign(rlnOpticsGroup=[5, 2])
+    starfile.write({"optics": optics2, "particles": parts2}, tmp_path / "two.star")
+    table = read_particles(tmp_path / "two.star")
+    assert table.optics_value("rlnImageSize").tolist() == [96, 64]
+    from swiftalign.ctf import ctf_envelope_from_table
+
+    bfactor, scale = ctf_envelope_from_table(table)
+    assert bfactor.tolist() == [-10.0, 30.0] and scale.tolist() == [1.0, 1.0]

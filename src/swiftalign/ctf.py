@@ -218,15 +218,10 @@ def _per_particle(table, label: str, default: float) -> np.ndarray:
     n = len(parts)
     if label in parts:
         return parts[label].to_numpy(dtype=np.float64)
-    optics = table.optics
-    if optics is None or label not in optics or len(optics) == 0:
+    values = table.optics_value(label)
+    if values is None:
         return np.full(n, default)
-    values = dict(zip(optics["rlnOpticsGroup"].astype(int), optics[label].astype(float),
-                      strict=True)) if "rlnOpticsGroup" in optics else {}
-    if "rlnOpticsGroup" in parts and values:
-        mapped = parts["rlnOpticsGroup"].astype(int).map(values).fillna(default)
-        return mapped.to_numpy(dtype=np.float64)
-    return np.full(n, float(optics[label].iloc[0]))
+    return np.where(np.isnan(values), default, values)
 
 
 def wiener_filter(ctf: torch.Tensor, *, constant_fraction: float = 0.1) -> torch.Tensor:

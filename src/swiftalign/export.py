@@ -141,17 +141,9 @@ def particle_box_sizes(table) -> np.ndarray:
     StarFileError, MrcFileError
         A stack is missing or unreadable (only when the optics block has no size).
     """
-    optics = table.optics
-    if optics is not None and {"rlnImageSize", "rlnOpticsGroup"} <= set(optics.columns):
-        sizes = dict(zip(optics["rlnOpticsGroup"].astype(int), optics["rlnImageSize"].astype(int),
-                         strict=True))
-        if "rlnOpticsGroup" in table.particles:
-            groups = table.particles["rlnOpticsGroup"].astype(int)
-        else:
-            groups = pd.Series(np.full(len(table), next(iter(sizes))))
-        box = groups.map(sizes)
-        if not box.isna().any():
-            return box.to_numpy(dtype=np.int64)
+    sizes = table.optics_value("rlnImageSize")
+    if sizes is not None and not np.isnan(sizes).any():
+        return sizes.astype(np.int64)
     from swiftalign.io.particles import ParticleImages
 
     with ParticleImages(table) as images:
@@ -295,18 +287,13 @@ def write_cryosparc(path: str | Path, table, *, absolute_paths: bool = False,
     StarFileError
         See :func:`cryosparc_dataset`.
     """
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     path = Path(path)
     dset = cryosparc_dataset(table, output_dir=path.parent, absolute_paths=absolute_paths,
                              sign=sign)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            dset.save(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        dset.save(f)
     return path
 
 
@@ -395,7 +382,7 @@ def write_bild(path: str | Path, table, *, bin_deg: float = 7.5) -> Path:
     StarFileError
         The table has no ``rlnAngleRot/Tilt/Psi`` or a non-finite angle.
     """
-    from swiftalign.io.mrc import atomic_path
+    from swiftalign.io.atomic import atomic_write
 
     missing = [c for c in _POSE_COLUMNS if c not in table.particles]
     if missing:
@@ -405,10 +392,6 @@ def write_bild(path: str | Path, table, *, bin_deg: float = 7.5) -> Path:
     radius = float(particle_box_sizes(table)[0] * table.pixel_size_angstrom[0] / 2.0)
     text = angular_distribution_bild(euler, radius_angstrom=radius, bin_deg=bin_deg)
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -309,11 +309,10 @@ def write_postprocess(out_dir: str | Path, result: PostprocessResult, *,
     dict of str to Path
         ``map``, ``masked_map``, ``star``, ``fsc_plot``, ``guinier_plot``.
     """
-    import os
-
     import starfile
 
-    from swiftalign.io.mrc import atomic_path, write_map
+    from swiftalign.io.atomic import atomic_write
+    from swiftalign.io.mrc import write_map
     from swiftalign.plots import fsc_figure_from_result, guinier_figure, save_figure
 
     out = Path(out_dir)
@@ -326,13 +325,8 @@ def write_postprocess(out_dir: str | Path, result: PostprocessResult, *,
     write_map(paths["masked_map"], result.sharpened_masked, result.pixel_size_angstrom)
     blocks = postprocess_star_blocks(result, box=box, half_map_names=half_map_names,
                                      mask_name=mask_name)
-    tmp = atomic_path(paths["star"])
-    try:
+    with atomic_write(paths["star"]) as tmp:
         starfile.write(blocks, tmp, overwrite=True)
-        os.replace(tmp, paths["star"])
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     title = (f"{result.fsc.resolution_angstrom:.2f} Å (FSC {result.fsc.threshold:g}), "
              f"B = {result.bfactor_angstrom2:.0f} Å²")
     save_figure(fsc_figure_from_result(result.fsc, result.pixel_size_angstrom, title),

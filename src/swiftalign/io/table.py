@@ -77,10 +77,34 @@ class ParticleTable:
 
     @property
     def optics_group(self) -> np.ndarray:
-        """`(n,)` int ``rlnOpticsGroup`` of every particle (1 where the column is absent)."""
+        """`(n,)` int ``rlnOpticsGroup`` of every particle.
+
+        Where the particle block has no such column: the optics block's group when
+        it has exactly one (as the reader resolves the optics), else 1.
+        """
         if "rlnOpticsGroup" in self.particles:
             return self.particles["rlnOpticsGroup"].to_numpy().astype(int)
+        optics = self.optics
+        if optics is not None and "rlnOpticsGroup" in optics and len(optics) == 1:
+            return np.full(len(self), int(optics["rlnOpticsGroup"].iloc[0]))
         return np.ones(len(self), dtype=int)
+
+    def optics_value(self, label: str) -> np.ndarray | None:
+        """`(n,)` float64 value of an optics-block ``label`` for every particle.
+
+        Looked up through each particle's optics group (:attr:`optics_group`);
+        NaN for a particle whose group has no row. None when the optics block
+        (or the label in it) is absent.
+        """
+        optics = self.optics
+        if optics is None or label not in optics or len(optics) == 0:
+            return None
+        if "rlnOpticsGroup" not in optics:
+            return np.full(len(self), float(optics[label].iloc[0]))
+        values = dict(zip(optics["rlnOpticsGroup"].astype(int).tolist(),
+                          optics[label].astype(float).tolist(), strict=True))
+        return np.array([values.get(g, np.nan) for g in self.optics_group.tolist()],
+                        dtype=np.float64)
 
     def image_names(self) -> list[str]:
         """The ``rlnImageName`` entries."""
