@@ -245,7 +245,7 @@ def test_refinement_reaches_ground_truth_resolution_and_resumes(refine_data):
 
 @pytest.mark.slow
 def test_c1_refinement_of_c4_particles_keeps_symmetry_mates(refine_data):
-    """Issue 13.5: --symmetry C1 on C4 particles; repetitions on C4 mates are kept (≈ 3 min)."""
+    """Issue 13.5: --symmetry C1 on C4 particles; repetitions on C4 mates are kept (3–7 min)."""
     out, star, _ = refine_data
     run = out / "c1"
     r = runner.invoke(app, ["refine", str(star), "--reference", str(out / "init30.mrc"),
