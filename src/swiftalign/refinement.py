@@ -54,7 +54,12 @@ from swiftalign.alignment import (
     resolve_device,
 )
 from swiftalign.configs import ComputeConfig, NoiseConfig, section
-from swiftalign.consensus import Consensus, consensus
+from swiftalign.consensus import (
+    Consensus,
+    consensus,
+    consensus_summary,
+    near_symmetry_of_references,
+)
 from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.ctf import CtfParams
 from swiftalign.ctf_groups import reference_ctf_pool
@@ -110,6 +115,7 @@ class RefineConfig(NoiseConfig, ComputeConfig):
     global_resolution_angstrom: float = Field(default=20.0, gt=0)
     symmetry: str = "C1"
     force_symmetry: bool = False  # refine even if a reference disagrees with the symmetry
+    near_symmetry: bool = True  # consensus up to rotations the map almost has (consensus.py)
     repetitions: int = Field(default=3, ge=1)
     iterations: int = Field(default=8, ge=1)
     fsc_threshold: float = Field(default=0.143, gt=0, lt=1)
@@ -442,16 +448,17 @@ def resume_state(setup: RefineSetup, folder: RunFolder) -> RefineState | None:
 
 @dataclass
 class _Assignments:
-    """`(n, R, ·)` poses, shifts and classes of every repetition."""
+    """`(n, R, ·)` poses, shifts, classes and distances (smaller is better) of every repetition."""
 
     euler_deg: np.ndarray
     shift_yx_px: np.ndarray
     class_index: np.ndarray
+    distance: np.ndarray
 
     @classmethod
     def empty(cls, n: int, repetitions: int) -> _Assignments:
         return cls(np.zeros((n, repetitions, 3)), np.zeros((n, repetitions, 2)),
-                   np.zeros((n, repetitions), dtype=int))
+                   np.zeros((n, repetitions), dtype=int), np.zeros((n, repetitions)))
 
 
 def _masked_references(setup: RefineSetup, state: RefineState) -> dict[ClassHalf, np.ndarray]:
@@ -574,6 +581,7 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
                 found.shift_yx_px[rows[better], r] = res.shift_yx_px[better, 0]
                 found.class_index[rows[better], r] = c
             del refsets, trained
+        found.distance[rows] = best_d.T
     return found
 
 
@@ -726,9 +734,13 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
              _align_global(setup, state, iteration, t_align, t_global, progress, timings))
     timings["align"] = time.perf_counter() - t_step
     t_step = time.perf_counter()
+    near = None if local_pass or not config.near_symmetry else near_symmetry_of_references(
+        state.references, setup.symmetry_group, pixel_size_angstrom=pixel_size,
+        resolution_angstrom=t_global)
     cons = consensus(found.euler_deg, found.shift_yx_px, found.class_index,
                      symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
-                     shift_tolerance_px=ds)
+                     shift_tolerance_px=ds, distance=found.distance,
+                     near_symmetry_group=None if near is None else near.group)
     timings["consensus"] = time.perf_counter() - t_step
     t_step = time.perf_counter()
     half_maps, full_maps, sel_of = _reconstruct_halves(setup, cons, iteration, progress)
@@ -750,7 +762,8 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
         "iteration": iteration, "alignment_resolution_angstrom": t_align,
         "global_resolution_angstrom": t_global, "angular_step_deg": dphi, "shift_step_px": ds,
         "resolution_angstrom": new_res, "kept": int(cons.keep.sum()),
-        "rejected": int((~cons.keep).sum()), "classes": class_stats,
+        "rejected": int((~cons.keep).sum()), **consensus_summary(cons),
+        "near_symmetry": None if near is None else near.describe(), "classes": class_stats,
         "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
         "stalled": bool(shells / new_res - shells / state.resolution_angstrom < 1.0),
         "local_pass": bool(local_pass), "timings_s": timings,

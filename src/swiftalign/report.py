@@ -172,9 +172,32 @@ def _history(run_dir: Path) -> list[dict]:
     return out
 
 
+def _kept_text(h: dict) -> str:
+    """Kept particles and their fraction: ``4,512 (90.2 %)``."""
+    total = h["kept"] + h["rejected"]
+    return f"{h['kept']} ({100.0 * h['kept'] / total:.1f} %)" if total else str(h["kept"])
+
+
+def _reasons_text(h: dict) -> str:
+    """Rejected particles by reason (classes / poses / shifts), ``–`` for older runs."""
+    by = h.get("rejected_by")
+    if not isinstance(by, Mapping):
+        return "–"
+    return " / ".join(str(by.get(k, 0)) for k in ("classes", "poses", "shifts"))
+
+
+def _near_text(h: dict) -> str:
+    """The near-symmetry used by the consensus and the particles it kept, or ``none``."""
+    near = h.get("near_symmetry")
+    if not near:
+        return "none" if "near_symmetry" in h else "–"
+    return f"{near}; kept thanks to it: {h.get('kept_by_near_symmetry', 0)}"
+
+
 def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["iteration", "align at (Å)", "resolution FSC 0.143 (Å)", "resolution FSC 0.5 (Å)",
-              "kept", "rejected", "class populations (particles, Å)", "time (s)",
+              "kept", "rejected", "rejected: classes / poses / shifts", "near-symmetry",
+              "class populations (particles, Å)", "time (s)",
               "alignment (s)", "reconstruction (s)"]
     rows = []
     for h in history:
@@ -188,7 +211,8 @@ def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
             f"{h['iteration']}{mode}", _num(h.get("alignment_resolution_angstrom")),
             ("≤ " if h.get("resolution_is_bound") else "") + _num(h["resolution_angstrom"]),
             _num(res05),
-            str(h["kept"]), str(h["rejected"]), pops, _num(h.get("seconds"), ".1f"),
+            _kept_text(h), str(h["rejected"]), _reasons_text(h), _near_text(h), pops,
+            _num(h.get("seconds"), ".1f"),
             f"{t['alignment']:.1f}" if "alignment" in t else "–",
             f"{t['reconstruction']:.1f}" if "reconstruction" in t else "–",
         ])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,6 +49,9 @@ __all__ = [
     "to_asymmetric_unit",
     "symmetry_agreement",
     "check_reference_symmetry",
+    "detect_near_symmetry",
+    "NearSymmetry",
+    "NEAR_SYMMETRY_MIN_CC",
     "SYMMETRY_REFUSE_BELOW",
     "SYMMETRY_WARN_BELOW",
 ]
@@ -397,6 +401,50 @@ def _fourier_crop(volume: np.ndarray, box: int) -> np.ndarray:
     return np.fft.irfftn(small, s=(box,) * 3, axes=(0, 1, 2)) * (box / n) ** 3
 
 
+class _Comparison:
+    """A map low-passed for map-to-rotated-map correlations, with its soft spherical mask.
+
+    The map is Fourier-cropped to a box of ``resolution/3`` Å pixels (at least
+    24, at most the map's box); rotations are about the box centre ``N//2``;
+    the mask is a soft sphere of radius ``0.45·N`` (invariant under every
+    rotation about the centre).
+    """
+
+    def __init__(self, volume: np.ndarray, pixel_size_angstrom: float,
+                 resolution_angstrom: float) -> None:
+        n = volume.shape[0]
+        box = int(min(n, max(24, 2 * round(1.5 * n * pixel_size_angstrom / resolution_angstrom))))
+        self.small = _fourier_crop(volume, box)
+        self.centre = np.full(3, box // 2, dtype=np.float64)
+        grid = np.indices(self.small.shape).reshape(3, -1).T - self.centre
+        r = np.linalg.norm(grid, axis=1).reshape(self.small.shape)
+        edge = 0.45 * box
+        mask = np.clip(0.5 * (1 + np.cos(np.pi * (r - (edge - 3)) / 3)), 0, 1)
+        mask[r < edge - 3] = 1.0
+        mask[r > edge] = 0.0
+        self.weights = mask / mask.sum()
+        self._xyz = grid[:, ::-1]  # voxel offsets from the centre, (x, y, z)
+
+    def correlation(self, g: np.ndarray) -> float:
+        """Masked Pearson correlation of ``V(y)`` and ``V(g·y)`` (trilinear), g in xyz."""
+        from scipy.ndimage import affine_transform
+
+        gz = g[::-1, ::-1]  # xyz → (z, y, x) array axes
+        c = self.centre
+        moved = affine_transform(self.small, gz, offset=c - gz @ c, order=1)
+        w, a = self.weights, self.small
+        da, db = a - (w * a).sum(), moved - (w * moved).sum()
+        den = np.sqrt((w * da * da).sum() * (w * db * db).sum())
+        return float((w * da * db).sum() / den) if den > 0 else 0.0
+
+    def principal_axes(self) -> np.ndarray:
+        """`(3, 3)` rows: the inertia axes (xyz) of the positive density about the centre."""
+        w = np.clip(self.small, 0, None).ravel() * self.weights.ravel()
+        r = self._xyz
+        inertia = np.eye(3) * (w * (r * r).sum(1)).sum() - np.einsum("n,ni,nj->ij", w, r, r)
+        return np.linalg.eigh(inertia)[1].T
+
+
 def symmetry_agreement(volume: np.ndarray, group: np.ndarray, *, pixel_size_angstrom: float,
                        resolution_angstrom: float) -> np.ndarray:
     """How well a map agrees with itself under each element of a point group.
@@ -421,30 +469,8 @@ def symmetry_agreement(volume: np.ndarray, group: np.ndarray, *, pixel_size_angs
     np.ndarray
         `(G,)` correlations, 1 for the identity.
     """
-    from scipy.ndimage import affine_transform
-
-    n = volume.shape[0]
-    box = int(min(n, max(24, 2 * round(1.5 * n * pixel_size_angstrom / resolution_angstrom))))
-    small = _fourier_crop(volume, box)
-    c = np.full(3, box // 2, dtype=np.float64)
-    r = np.linalg.norm(np.indices(small.shape).reshape(3, -1).T - c, axis=1).reshape(small.shape)
-    edge = 0.45 * box
-    mask = np.clip(0.5 * (1 + np.cos(np.pi * (r - (edge - 3)) / 3)), 0, 1)
-    mask[r < edge - 3] = 1.0
-    mask[r > edge] = 0.0
-
-    def masked_cc(a: np.ndarray, b: np.ndarray) -> float:
-        w = mask / mask.sum()
-        da, db = a - (w * a).sum(), b - (w * b).sum()
-        den = np.sqrt((w * da * da).sum() * (w * db * db).sum())
-        return float((w * da * db).sum() / den) if den > 0 else 0.0
-
-    out = np.empty(len(group))
-    for i, g in enumerate(group):
-        gz = g[::-1, ::-1]  # xyz → (z, y, x) array axes
-        moved = affine_transform(small, gz, offset=c - gz @ c, order=1)
-        out[i] = masked_cc(small, moved)
-    return out
+    comparison = _Comparison(volume, pixel_size_angstrom, resolution_angstrom)
+    return np.array([comparison.correlation(g) for g in group])
 
 
 def check_reference_symmetry(volume: np.ndarray, symmetry: str, *, pixel_size_angstrom: float,
@@ -503,3 +529,246 @@ def check_reference_symmetry(volume: np.ndarray, symmetry: str, *, pixel_size_an
     if agreement < SYMMETRY_WARN_BELOW:
         logging.getLogger(__name__).warning("%s", msg)
     return agreement
+
+
+#: Near-symmetries are kept when every element of the group they generate with the imposed
+#: symmetry correlates at least this well with the map (:func:`detect_near_symmetry`).
+NEAR_SYMMETRY_MIN_CC = 0.9
+_MAX_FOLD = 8
+_SNAP_DEG = 3.0
+_SCAN_AXES = 64  # directions of the coarse axis scan (≈ 15° apart on the hemisphere)
+_REFINED_AXES = 6  # promising axes refined and tested at full resolution
+
+
+@dataclass(frozen=True)
+class NearSymmetry:
+    """Rotations a map almost has beyond the symmetry imposed on it.
+
+    Attributes
+    ----------
+    name : str
+        The detected group alone, ``Cn`` or ``Dn`` (n = 2..8), about ``axis``.
+    axis : np.ndarray
+        `(3,)` its n-fold axis, unit vector in map coordinates (x, y, z).
+    twofold_axis : np.ndarray or None
+        `(3,)` its 2-fold perpendicular to ``axis`` (``Dn``), else None.
+    correlation : float
+        Lowest map-to-rotated-map correlation over the elements of ``group``.
+    group : np.ndarray
+        `(G', 3, 3)` the imposed group and the detected rotations, closed (identity first).
+    resolution_angstrom : float
+        Resolution of the comparison (Å).
+    """
+
+    name: str
+    axis: np.ndarray
+    twofold_axis: np.ndarray | None
+    correlation: float
+    group: np.ndarray
+    resolution_angstrom: float
+
+    def describe(self) -> str:
+        """One line: ``near-symmetry C7 about axis (0.00, 0.00, 1.00) (CC 0.97 at 20 Å)``."""
+        def fmt(v: np.ndarray) -> str:
+            return "(" + ", ".join(f"{x:.2f}" for x in v + 0.0) + ")"
+
+        two = f", 2-fold about {fmt(self.twofold_axis)}" if self.twofold_axis is not None else ""
+        return (f"near-symmetry {self.name} about axis {fmt(self.axis)}{two} "
+                f"(CC ≥ {self.correlation:.2f} at {self.resolution_angstrom:g} Å, "
+                f"{len(self.group)} operators with the imposed symmetry)")
+
+
+def _rotation_angle(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    """Rotation by ``angle_rad`` about the unit vector ``axis``."""
+    k = axis / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle_rad) * cross + (1 - math.cos(angle_rad)) * cross @ cross
+
+
+def _rotation_axes(group: np.ndarray) -> list[np.ndarray]:
+    """Unit axes of the proper non-identity rotations of a group."""
+    axes = []
+    for g in group:
+        if np.linalg.det(g) < 0 or np.abs(g - np.eye(3)).max() < 1e-6:
+            continue
+        w, v = np.linalg.eig(g)
+        axes.append(np.real(v[:, np.argmin(np.abs(w - 1))]))
+    return [a / np.linalg.norm(a) for a in axes]
+
+
+def _snap(axis: np.ndarray, targets: list[np.ndarray]) -> np.ndarray:
+    """``axis`` replaced by the first of ``targets`` within ``_SNAP_DEG`` (sign kept free)."""
+    for t in targets:
+        if abs(float(axis @ t)) >= math.cos(math.radians(_SNAP_DEG)):
+            return t
+    return axis / np.linalg.norm(axis)
+
+
+def _highest_fold(comp: _Comparison, axis: np.ndarray, threshold: float,
+                  cache: dict) -> tuple[int, float]:
+    """The largest n ≤ 8 whose rotations about ``axis`` all correlate ≥ threshold (1: none)."""
+    def cc(angle_deg: float) -> float:
+        key = (tuple(np.round(axis, 6)), round(angle_deg, 6))
+        if key not in cache:
+            cache[key] = comp.correlation(_rotation_angle(axis, math.radians(angle_deg)))
+        return cache[key]
+
+    for n in range(_MAX_FOLD, 1, -1):
+        lowest = 1.0
+        for k in range(1, n // 2 + 1):  # k and n − k give the same correlation
+            lowest = min(lowest, cc(360.0 * k / n))
+            if lowest < threshold:
+                break
+        if lowest >= threshold:
+            return n, lowest
+    return 1, 0.0
+
+
+def _refine_axis(comp: _Comparison, axis: np.ndarray, angle_rad: float,
+                 steps_deg: tuple[float, ...] = (6.0, 3.0, 1.5, 0.75)) -> np.ndarray:
+    """Axis maximising the correlation of the rotation by ``angle_rad`` (3×3 grids, steps)."""
+    best, best_cc = axis, comp.correlation(_rotation_angle(axis, angle_rad))
+    for step in steps_deg:
+        u = np.cross(best, [1.0, 0, 0] if abs(best[0]) < 0.9 else [0, 1.0, 0])
+        u /= np.linalg.norm(u)
+        v = np.cross(best, u)
+        centre = best
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                if a == b == 0:
+                    continue
+                cand = centre + math.radians(step) * (a * u + b * v)
+                cand /= np.linalg.norm(cand)
+                c = comp.correlation(_rotation_angle(cand, angle_rad))
+                if c > best_cc:
+                    best, best_cc = cand, c
+    return best
+
+
+def _hemisphere(count: int) -> np.ndarray:
+    """`(count, 3)` quasi-uniform unit vectors with z ≥ 0 (Fibonacci spiral)."""
+    i = np.arange(count) + 0.5
+    z = 1.0 - i / count
+    phi = math.pi * (3.0 - math.sqrt(5.0)) * i
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def _screen_axes(volume: np.ndarray, candidates: list[np.ndarray], pixel_size_angstrom: float,
+                 resolution_angstrom: float, threshold: float) -> list[tuple[int, float, int]]:
+    """``(n, correlation, candidate index)`` of promising axes, highest correlation first.
+
+    On a comparison box of at most 32 voxels, the rotation by 360°/n about each
+    candidate for n = 2..8, kept from ``threshold − 0.25``.
+    """
+    coarse = max(resolution_angstrom, 3.0 * volume.shape[0] * pixel_size_angstrom / 32)
+    comp = _Comparison(volume, pixel_size_angstrom, coarse)
+    found = []
+    for i, a in enumerate(candidates):
+        for n in range(2, _MAX_FOLD + 1):
+            cc = comp.correlation(_rotation_angle(a, 2 * math.pi / n))
+            if cc >= threshold - 0.25:
+                found.append((cc, n, i))
+    best_per_axis: dict[int, tuple[int, float, int]] = {}
+    for cc, n, i in sorted(found, reverse=True):  # each axis at its best-correlating n
+        best_per_axis.setdefault(i, (n, cc, i))
+    return sorted(best_per_axis.values(), key=lambda t: -t[1])
+
+
+def _perpendicular_twofold(comp: _Comparison, axis: np.ndarray,
+                           fold: int) -> tuple[np.ndarray, float]:
+    """The best 2-fold perpendicular to ``axis`` (scan of 180°/fold by 2°, then 0.5°)."""
+    u = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(axis, u)
+
+    def at(phi_deg: float) -> np.ndarray:
+        p = math.radians(phi_deg)
+        return math.cos(p) * u + math.sin(p) * v
+
+    scores = {phi: comp.correlation(_rotation_angle(at(phi), math.pi))
+              for phi in np.arange(0.0, 180.0 / fold, 2.0)}
+    best = max(scores, key=lambda p: scores[p])
+    for phi in (best - 1.0, best - 0.5, best + 0.5, best + 1.0):
+        scores[phi] = comp.correlation(_rotation_angle(at(phi), math.pi))
+    best = max(scores, key=lambda p: scores[p])
+    return at(best), scores[best]
+
+
+def _closed_or_none(mats: list[np.ndarray]) -> np.ndarray | None:
+    """The finite group ``mats`` generate, or None when they do not close (axes inconsistent)."""
+    try:
+        return _close(mats)
+    except RuntimeError:
+        return None
+
+
+def detect_near_symmetry(volume: np.ndarray, imposed_group: np.ndarray, *,
+                         pixel_size_angstrom: float, resolution_angstrom: float,
+                         threshold: float = NEAR_SYMMETRY_MIN_CC) -> NearSymmetry | None:
+    """Rotations (``Cn``, ``Dn``, n ≤ 8) a map almost has beyond the imposed symmetry.
+
+    Candidate n-fold axes are the imposed group's axes, the map's three inertia
+    axes (positive density about the box centre) and 64 directions ≈ 15° apart;
+    each is screened on a coarse copy (box ≤ 32) with the rotation by 360°/n,
+    n = 2..8; the 6 most promising are refined on 6°…0.75° grids (or snapped to
+    an imposed axis within 3°) and the largest n whose rotations all give a
+    map-to-rotated-map correlation (as in :func:`symmetry_agreement`) ≥
+    ``threshold`` wins; then 2-folds perpendicular to it are scanned (``Dn``). The
+    detected rotations are closed with the imposed group and kept only if
+    every element of the result correlates ≥ ``threshold`` (else the 2-fold
+    is dropped, then everything). Axes pass through the box centre ``N//2``;
+    T, O and I near-symmetries are not searched.
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        `(N, N, N)` map, axes (z, y, x).
+    imposed_group : np.ndarray
+        `(G, 3, 3)` the symmetry already imposed (xyz).
+    pixel_size_angstrom, resolution_angstrom : float
+        Voxel size and the resolution of the comparison (Å); refinement uses
+        its global-search resolution, where symmetry mates get confused.
+    threshold : float
+        Lowest correlation accepted.
+
+    Returns
+    -------
+    NearSymmetry or None
+        None when the map has no rotation beyond the imposed group.
+    """
+    volume = np.asarray(volume, dtype=np.float64)
+    comp = _Comparison(volume, pixel_size_angstrom, resolution_angstrom)
+    imposed_axes = _rotation_axes(imposed_group)
+    candidates = list(imposed_axes)
+    for a in (*comp.principal_axes(), *_hemisphere(_SCAN_AXES)):
+        if all(abs(float(a @ c)) < math.cos(math.radians(_SNAP_DEG)) for c in candidates):
+            candidates.append(a)
+    cache: dict = {}
+    best: tuple[int, float, np.ndarray] = (1, 0.0, candidates[0] if candidates else comp.centre)
+    for n, _, i in _screen_axes(volume, candidates, pixel_size_angstrom, resolution_angstrom,
+                                threshold)[:_REFINED_AXES]:
+        axis = candidates[i]
+        if not any(axis is t for t in imposed_axes):
+            axis = _snap(_refine_axis(comp, axis, 2 * math.pi / n), imposed_axes)
+        fold, cc = _highest_fold(comp, axis, threshold, cache)
+        if (fold, cc) > best[:2]:
+            best = (fold, cc, axis)
+    fold, _, axis = best
+    if fold == 1:
+        return None
+    gens = [_rotation_angle(axis, 2 * math.pi / fold)]
+    two, two_cc = _perpendicular_twofold(comp, axis, fold)
+    options: list[tuple[list[np.ndarray], np.ndarray | None, str]] = []
+    if two_cc >= threshold:
+        two = _snap(two, imposed_axes)
+        options.append(([*gens, _rotation_angle(two, math.pi)], two, f"D{fold}"))
+    options.append((gens, None, f"C{fold}"))
+    for extra, twofold, name in options:
+        group = _closed_or_none([*imposed_group, *extra])
+        if group is None or len(group) <= len(_close(list(imposed_group))):
+            continue
+        lowest = min(comp.correlation(g) for g in group[1:])
+        if lowest >= threshold:
+            return NearSymmetry(name, axis, twofold, lowest, group, resolution_angstrom)
+    return None

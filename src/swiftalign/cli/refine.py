@@ -67,6 +67,11 @@ def refine_command(
     force_symmetry: Annotated[bool, typer.Option(
         "--force-symmetry", help="Refine even when the reference disagrees with its own "
         "symmetry (agreement below 0.9, see swiftalign.symmetry).")] = False,
+    near_symmetry: Annotated[bool, typer.Option(
+        "--near-symmetry/--no-near-symmetry", help="Keep particles whose repetitions agree up "
+        "to a rotation the current map almost has (Cn/Dn, n ≤ 8, map-to-rotated-map "
+        "correlation ≥ 0.9 at the global-search resolution) beyond --symmetry, with the "
+        "best-scoring repetition's pose; reported per iteration.")] = True,
     iterations: Annotated[int, typer.Option(
         help="Maximum iterations (stops earlier after two iterations gaining less than one "
         "Fourier shell).")] = 8,
@@ -153,7 +158,7 @@ def _run(p: dict) -> tuple:
             initial_resolution_angstrom=p["initial_resolution"],
             max_resolution_angstrom=p["max_resolution"],
             global_resolution_angstrom=p["global_resolution"], symmetry=p["symmetry"],
-            force_symmetry=p["force_symmetry"],
+            force_symmetry=p["force_symmetry"], near_symmetry=p["near_symmetry"],
             repetitions=p["repetitions"], iterations=p["iterations"],
             fsc_threshold=p["fsc_threshold"],
             low_resolution_join_angstrom=p["low_resolution_join"],
