@@ -41,6 +41,7 @@ __all__ = [
     "SearchResult",
     "IndexSettings",
     "auto_index_factory",
+    "search_cost_s",
     "ivfpq_factory",
     "search_gallery",
     "resolve_factory",
@@ -130,14 +131,53 @@ class IndexSettings:
     gpu_float16: bool = False
 
 
-def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -> str:
+# Measured costs of this machine (2 cores, idle; README B1/B2, 470,525 to 7,480,956 poses,
+# 1,000 and 4,000 particles, dim 276): seconds per unit of work.
+EXACT_S_PER_POSE_DIM = 7.2e-9  # regenerating the reference vectors, once per pass
+EXACT_S_PER_PARTICLE_POSE_DIM = 1.6e-11  # scoring (GEMM + top-k), per particle
+BUILD_S_PER_POSE_DIM = 6.2e-8  # IVF-PQ train + populate + tune
+QUERY_S_PER_CANDIDATE_DIM = 1.4e-8  # FAISS search + exact re-scoring of the candidates
+
+
+def search_cost_s(n_poses: int, dim: int, n_particles: int, *, exact: bool,
+                  rerank: int = 100) -> float:
+    """Predicted seconds of the search stage on the measured machine.
+
+    Exact: ``P·d·(a + n·b)`` (vectors regenerated once per pass, every particle
+    scored against every pose). IVF-PQ built in the run: ``P·d·c + n·rerank·d·e``
+    (training, populating and tuning grow with the poses; a query with the
+    candidates it re-scores). The constants are this module's ``*_S_PER_*``.
+
+    Parameters
+    ----------
+    n_poses, dim, n_particles : int
+        Reference poses, vector length, particles.
+    exact : bool
+        The exact streamed search, else an IVF-PQ index built for this run.
+    rerank : int
+        Candidates re-scored per particle (IVF-PQ).
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    work = float(n_poses) * dim
+    if exact:
+        return work * (EXACT_S_PER_POSE_DIM + n_particles * EXACT_S_PER_PARTICLE_POSE_DIM)
+    return work * BUILD_S_PER_POSE_DIM + n_particles * rerank * dim * QUERY_S_PER_CANDIDATE_DIM
+
+
+def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None,
+                       rerank: int = 100) -> str:
     """Pick an index for a reference-set size, vector length and particle count.
 
-    The exact search costs ``n_particles · n_poses · dim``; building an IVF index
-    costs about ``n_poses · nlist · dim`` (assigning every pose to a list) plus
-    training, so it only pays off for more than about ``2 · nlist`` particles
-    (or when the index is reused). Exact search is also used up to 200,000
-    poses. Otherwise :func:`ivfpq_factory`.
+    Exact search up to 200,000 poses (compression costs accuracy at low SNR,
+    README accuracy study) and whenever the measured cost model
+    (:func:`search_cost_s`) predicts it faster than building and querying
+    :func:`ivfpq_factory`: on the measured machine the crossover is near 4,200
+    particles at 470,525 poses and tends to 3,400 for very large reference sets.
+    With an unknown particle count (an index built for reuse) the index is used.
 
     Parameters
     ----------
@@ -147,6 +187,8 @@ def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -
         Search-vector length.
     n_particles : int, optional
         Particles to align (unknown: size only).
+    rerank : int
+        Candidates re-scored per particle by the index.
 
     Returns
     -------
@@ -155,10 +197,10 @@ def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -
     """
     if n_poses <= 200_000:
         return "Flat"
-    factory, nlist = _ivfpq(n_poses, dim)
-    if n_particles is not None and n_particles < 2 * nlist:
+    if n_particles is not None and search_cost_s(n_poses, dim, n_particles, exact=True) <= \
+            search_cost_s(n_poses, dim, n_particles, exact=False, rerank=rerank):
         return "Flat"
-    return factory
+    return _ivfpq(n_poses, dim)[0]
 
 
 def _ivfpq(n_poses: int, dim: int) -> tuple[str, int]:
@@ -633,7 +675,8 @@ def validate_factory(factory: str, dim: int) -> None:
     TrainedIndex(factory, dim)
 
 
-def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None) -> str:
+def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None,
+                    rerank: int = 100) -> str:
     """The FAISS factory string that ``auto``, ``ivfpq`` or ``Flat`` stands for.
 
     Parameters
@@ -644,6 +687,8 @@ def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | Non
         Reference-set size and search-vector length.
     n_particles : int, optional
         Particles to align (``None``: unknown, e.g. an index built for reuse).
+    rerank : int
+        Candidates re-scored per particle (enters ``auto``'s cost model).
 
     Returns
     -------
@@ -652,7 +697,7 @@ def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | Non
     """
     f = factory.strip().lower()
     if f == "auto":
-        return auto_index_factory(n_poses, dim, n_particles)
+        return auto_index_factory(n_poses, dim, n_particles, rerank)
     if f == "ivfpq":
         return ivfpq_factory(n_poses, dim)
     if f == "flat":
@@ -743,7 +788,8 @@ def train_index(
     """
     pool = [galleries] if isinstance(galleries, Gallery) else list(galleries)
     first = pool[0]
-    factory = resolve_factory(settings.factory, first.n_poses, first.disc.dim, n_particles)
+    factory = resolve_factory(settings.factory, first.n_poses, first.disc.dim, n_particles,
+                              settings.rerank)
     if factory == "Flat":
         return None
     rng = np.random.default_rng(settings.seed)
