@@ -421,6 +421,9 @@ def rescore(
     (torch.Tensor, torch.Tensor)
         `(n, min(k, c))` distances ascending and ids.
     """
+    if gallery.disc.transform == "dft" and gallery.metric in ("l2", "cosine") and (
+            ctf_disc is None or ctf_disc.ndim == 1):
+        return _rescore_folded(gallery, queries, candidates, k, ctf_disc=ctf_disc, budget=budget)
     device = gallery.coeffs.device
     n, c = candidates.shape
     per_query = c * gallery.bytes_per_vector
@@ -436,6 +439,55 @@ def rescore(
         vecs = gallery.vectors(safe, ctf_disc=ctf)  # (b, c, dim)
         q = queries[start : start + step].to(device)
         d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
+        d = torch.where(valid, d, torch.full_like(d, float("inf")))
+        dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
+        out_d.append(dk)
+        out_i.append(torch.gather(safe, 1, order))
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _rescore_folded(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    *,
+    ctf_disc: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rescore` of Fourier-disc references with the shifts folded into the queries.
+
+    A candidate id is an image and a grid shift; its distance is
+    ``|q|² + |u|² − 2⟨q_s, u⟩`` with ``u`` the image's unshifted vector and ``q_s`` the
+    query shifted back (:func:`_shifted_queries`), so each distinct candidate image is
+    turned into a vector once per chunk (no phase ramps, no per-candidate
+    normalisation) and one batched product scores a particle's candidate images
+    against its shifted queries.
+    """
+    device = gallery.coeffs.device
+    n_shifts, dim = gallery.n_shifts, gallery.disc.dim
+    n, c = candidates.shape
+    per_query = (c * (2 * dim + n_shifts) + n_shifts * dim) * 4 * 2
+    step = max(1, int(budget // max(per_query, 1)))
+    out_d, out_i = [], []
+    for start in range(0, n, step):
+        cand = candidates[start : start + step].to(device)
+        valid = cand >= 0
+        safe = torch.where(valid, cand, torch.zeros_like(cand))
+        image = torch.div(safe, n_shifts, rounding_mode="floor")
+        shift = safe - image * n_shifts
+        unique, inverse = torch.unique(image, return_inverse=True)
+        coeffs = gallery.coeffs[unique]
+        if ctf_disc is not None:
+            coeffs = coeffs * ctf_disc
+        if gallery.weights is not None:
+            coeffs = coeffs * gallery.weights
+        u = normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+        q = queries[start : start + step].to(device, torch.float32)
+        shifted = _shifted_queries(gallery, q).view(q.shape[0], n_shifts, dim)
+        scores = torch.bmm(u[inverse], shifted.transpose(1, 2))  # (b, c, n_shifts)
+        inner = torch.gather(scores, 2, shift[..., None])[..., 0]
+        d = (q * q).sum(1, keepdim=True) + (u * u).sum(1)[inverse] - 2.0 * inner
         d = torch.where(valid, d, torch.full_like(d, float("inf")))
         dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
         out_d.append(dk)
