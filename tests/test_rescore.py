@@ -23,19 +23,24 @@ def _random_gallery(metric: str) -> Gallery:
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("with_ctf", [False, True])
+@pytest.mark.parametrize("with_ctf", ["none", "shared", "per_particle"])
 def test_folded_rescore_equals_brute_force(metric, with_ctf):
     g = _random_gallery(metric)
     gen = torch.Generator().manual_seed(22)
-    ctf = torch.rand(g.disc.n_coeff, generator=gen) * 2 - 1 if with_ctf else None
+    ctf = {"none": None, "shared": torch.rand(g.disc.n_coeff, generator=gen) * 2 - 1,
+           "per_particle": torch.rand(40, g.disc.n_coeff, generator=gen) * 2 - 1}[with_ctf]
     queries = normalise_vectors(torch.randn(40, g.disc.dim, generator=gen), metric)
     # candidates share images (several shifts of one image), with some invalid (−1) ids
     image = torch.randint(0, g.n_images, (40, 6), generator=gen)
     shift = torch.randint(0, g.n_shifts, (40, 6, 4), generator=gen)
     cand = (image[..., None] * g.n_shifts + shift).reshape(40, -1)
     cand[::7, 3] = -1
-    every = g.vectors(torch.arange(g.n_poses), ctf_disc=ctf)
-    brute = (torch.cdist(queries.double(), every.double()) ** 2).gather(1, cand.clamp_min(0))
+    if with_ctf == "per_particle":  # regenerated candidates, each with its particle's CTF
+        vecs = g.vectors(cand.clamp_min(0), ctf_disc=ctf[:, None])
+        brute = ((vecs.double() - queries.double()[:, None]) ** 2).sum(-1)
+    else:
+        every = g.vectors(torch.arange(g.n_poses), ctf_disc=ctf)
+        brute = (torch.cdist(queries.double(), every.double()) ** 2).gather(1, cand.clamp_min(0))
     brute[cand < 0] = float("inf")
     want_d, order = torch.topk(brute, 5, dim=1, largest=False)
     # a small budget forces several chunks of particles

@@ -421,8 +421,7 @@ def rescore(
     (torch.Tensor, torch.Tensor)
         `(n, min(k, c))` distances ascending and ids.
     """
-    if gallery.disc.transform == "dft" and gallery.metric in ("l2", "cosine") and (
-            ctf_disc is None or ctf_disc.ndim == 1):
+    if gallery.disc.transform == "dft" and gallery.metric in ("l2", "cosine"):
         return _rescore_folded(gallery, queries, candidates, k, ctf_disc=ctf_disc, budget=budget)
     device = gallery.coeffs.device
     n, c = candidates.shape
@@ -462,9 +461,11 @@ def _rescore_folded(
     query shifted back (:func:`_shifted_queries`), so each distinct candidate image is
     turned into a vector once per chunk (no phase ramps, no per-candidate
     normalisation) and one batched product scores a particle's candidate images
-    against its shifted queries.
+    against its shifted queries. With a CTF per particle (`(n, n_coeff)`) each
+    particle's candidate images are vectorised with its own CTF instead.
     """
     device = gallery.coeffs.device
+    per_particle = ctf_disc is not None and ctf_disc.ndim == 2
     n_shifts, dim = gallery.n_shifts, gallery.disc.dim
     n, c = candidates.shape
     per_query = (c * (2 * dim + n_shifts) + n_shifts * dim) * 4 * 2
@@ -476,18 +477,24 @@ def _rescore_folded(
         safe = torch.where(valid, cand, torch.zeros_like(cand))
         image = torch.div(safe, n_shifts, rounding_mode="floor")
         shift = safe - image * n_shifts
-        unique, inverse = torch.unique(image, return_inverse=True)
-        coeffs = gallery.coeffs[unique]
-        if ctf_disc is not None:
-            coeffs = coeffs * ctf_disc
+        if per_particle:  # (b, c, n_coeff): every candidate with its particle's CTF
+            coeffs = gallery.coeffs[image] * ctf_disc[start : start + step, None].to(device)
+        else:  # each distinct image once
+            unique, inverse = torch.unique(image, return_inverse=True)
+            coeffs = gallery.coeffs[unique]
+            if ctf_disc is not None:
+                coeffs = coeffs * ctf_disc
         if gallery.weights is not None:
             coeffs = coeffs * gallery.weights
         u = normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+        u_norm2 = (u * u).sum(-1)
+        if not per_particle:
+            u, u_norm2 = u[inverse], u_norm2[inverse]
         q = queries[start : start + step].to(device, torch.float32)
         shifted = _shifted_queries(gallery, q).view(q.shape[0], n_shifts, dim)
-        scores = torch.bmm(u[inverse], shifted.transpose(1, 2))  # (b, c, n_shifts)
+        scores = torch.bmm(u, shifted.transpose(1, 2))  # (b, c, n_shifts)
         inner = torch.gather(scores, 2, shift[..., None])[..., 0]
-        d = (q * q).sum(1, keepdim=True) + (u * u).sum(1)[inverse] - 2.0 * inner
+        d = (q * q).sum(1, keepdim=True) + u_norm2 - 2.0 * inner
         d = torch.where(valid, d, torch.full_like(d, float("inf")))
         dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
         out_d.append(dk)
