@@ -88,6 +88,7 @@ def marginal(n_small: int = 1000, n_large: int = 4000) -> str:
             r["search_s"] = sum(r.get(f"{k}_s", 0.0) for k in ("train", "populate", "tune",
                                                                 "query"))
             rows.append(r)
+            print(json.dumps(r), flush=True)  # each run as it ends (long runs)
     for index in ("auto", "Flat"):
         small, large = (r for r in rows if r["index"] == index)
         large["marginal_ms"] = 1e3 * (large["wall_s"] - small["wall_s"]) / (n_large - n_small)
