@@ -43,6 +43,63 @@ def run_one(index: str, star: Path, n_particles: int, factor: int) -> dict:
             "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "factory": res.search.factory}
 
 
+def run_align(index: str, star: Path, n_particles: int) -> dict:
+    """The whole ``align`` with its defaults (local refinement included) on the first particles."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    from benchmarks.common import errors
+    from swiftalign.alignment import AlignConfig, align_particles
+    from swiftalign.io import ParticleImages, read_map, read_particles
+
+    ref = read_map(MAP)
+    table = read_particles(star)
+    truth = np.load(star.parent / "truth.npz")
+    with ParticleImages(table) as parts:
+        t0 = time.perf_counter()
+        res = align_particles(table, parts, ref, AlignConfig(
+            resolution_angstrom=25.0, symmetry="C4", index=index), rows=np.arange(n_particles))
+        wall = time.perf_counter() - t0
+    ang, _ = errors(res.euler_deg[:, 0], res.shift_yx_px[:, 0], truth["euler"][:n_particles],
+                    truth["shift"][:n_particles])
+    return {"index": index, "factory": res.search.factory, "n_particles": n_particles,
+            "n_poses": res.sampling.n_poses, "wall_s": wall, "median_err_deg": float(np.median(ang)),
+            **{f"{k}_s": v for k, v in res.timings.items()}}
+
+
+def marginal(n_small: int = 1000, n_large: int = 4000) -> str:
+    """Marginal per-particle cost of the whole align: default index vs ``Flat``.
+
+    ``(wall(n_large) − wall(n_small)) / (n_large − n_small)`` for each index, each run in
+    its own process; the search stage (train + populate + tune + query) is reported apart.
+    """
+    out = RESULTS / "tmp" / "b2"
+    out.mkdir(parents=True, exist_ok=True)
+    star, _, _ = simulated_dataset(n_large, out)
+    rows = []
+    for index in ("auto", "Flat"):
+        for n in (n_small, n_large):
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.b2_scaling", "--align", index, str(star),
+                 str(n)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["search_s"] = sum(r.get(f"{k}_s", 0.0) for k in ("train", "populate", "tune",
+                                                                "query"))
+            rows.append(r)
+            print(json.dumps(r), flush=True)  # each run as it ends (long runs)
+    for index in ("auto", "Flat"):
+        small, large = (r for r in rows if r["index"] == index)
+        large["marginal_ms"] = 1e3 * (large["wall_s"] - small["wall_s"]) / (n_large - n_small)
+    cols = [("index", "index", ""), ("factory", "factory", ""), ("n_particles", "particles", "d"),
+            ("search_s", "search (s)", ".1f"), ("ctf_rescore_s", "ctf_rescore (s)", ".1f"),
+            ("local_s", "local (s)", ".1f"), ("wall_s", "wall (s)", ".1f"),
+            ("marginal_ms", "marginal (ms/particle)", ".2f"),
+            ("median_err_deg", "median err (°)", ".2f")]
+    return write_results("b2_marginal", rows, cols)
+
+
 def main(n_particles: int = 1000, factors=(1, 4, 16)) -> str:
     out = RESULTS / "tmp" / "b2"
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +166,11 @@ def _plot(rows, n_particles):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+    if len(sys.argv) > 1 and sys.argv[1] == "--align":
+        print(json.dumps(run_align(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "marginal":
+        print(marginal(*(int(a) for a in sys.argv[2:4])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--one":
         print(json.dumps(run_one(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]),
                                  int(sys.argv[5]))))
     else:

@@ -132,14 +132,15 @@ def prepare_local(
     return LocalQueries(disc, queries, weights)
 
 
-_CENTRE = 13  # index of the zero offset in the 3×3×3 rotation grid
 _SHIFT_CENTRE = 4  # index of the zero offset in the 3×3 shift grid
 _GRID2 = np.stack(np.meshgrid([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], indexing="ij"), -1).reshape(-1, 2)
 
 
 def _offsets(step: float) -> np.ndarray:
+    """`(27, 3)` rotation-vector offsets (degrees) of the 3×3×3 grid, the zero offset first."""
     ax = np.array([-1.0, 0.0, 1.0]) * step
-    return np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+    return np.concatenate([grid[13:14], grid[:13], grid[14:]])
 
 
 def _distances_by_inner_product(
@@ -215,38 +216,47 @@ def _refine_batch(
     `(m, 3, 3)` matrices and `(m, 2)` shifts in; the refined ones and `(m,)`
     distances out.
 
-    Every round slices the 26 rotations around the current centre (the centre's own
-    slice is carried over from the round that chose it) and scores them against the 3×3
-    shifts around the current shift with one batched product. A particle whose best
-    candidate is its centre at some round keeps the pose but still goes on with the
-    halved steps (the optimum lies within half a step).
+    Every round slices the 26 rotations around the current centre in one call (the
+    centre's own slice is carried over from the round that chose it and scored
+    apart, so nothing is concatenated) and scores them against the 3×3 shifts
+    around the current shift with one batched product; the shift ramps are the
+    centre's ramp times the 9 grid ramps shared by all particles. A particle whose
+    best candidate is its centre at some round keeps the pose but still goes on
+    with the halved steps (the optimum lies within half a step).
     """
     m = mats.shape[0]
-    rows = np.arange(m)
-    device = spectrum.rfft.device
+    rows = torch.arange(m, device=spectrum.rfft.device)
+    freqs = disc.freqs_yx
     centre = None  # (m, n_coeff) coefficients of the current pose
     dist = np.full(m, np.inf)
     for a, b in steps:
-        deltas = Rotation.from_rotvec(np.radians(_offsets(a))).as_matrix()  # (27, 3, 3)
-        if centre is not None:
-            deltas = np.delete(deltas, _CENTRE, axis=0)
-        cand = np.einsum("rij,njk->nrik", deltas, mats)  # (m, 26 or 27, 3, 3)
+        offsets = _offsets(a) if centre is None else _offsets(a)[1:]
+        deltas = Rotation.from_rotvec(np.radians(offsets)).as_matrix()  # (r, 3, 3)
+        cand = np.einsum("rij,njk->nrik", deltas, mats)  # (m, r, 3, 3)
         fresh = spectrum.slice_disc(torch.as_tensor(cand.reshape(-1, 3, 3), dtype=torch.float32),
-                                    disc).reshape(m, len(deltas), -1)
+                                    disc, batch_size=cand.shape[0] * cand.shape[1])
+        fresh = fresh.view(m, len(deltas), -1)
         if mod is not None:
-            fresh = fresh * mod[:, None, :]
-        if centre is not None:
-            fresh = torch.cat([fresh[:, :_CENTRE], centre[:, None], fresh[:, _CENTRE:]], dim=1)
-            cand = np.concatenate([cand[:, :_CENTRE], mats[:, None], cand[:, _CENTRE:]], axis=1)
-        cand_shift = shifts[:, None, :] + _GRID2[None] * b  # (m, 9, 2)
-        ramps = shift_phase_ramps(
-            disc.freqs_yx, torch.as_tensor(cand_shift, dtype=torch.float32, device=device))
+            fresh.mul_(mod[:, None, :])
+        ramps = (shift_phase_ramps(freqs, torch.as_tensor(shifts, dtype=torch.float32,
+                                                          device=freqs.device))[:, None, :]
+                 * shift_phase_ramps(freqs, torch.as_tensor(_GRID2 * b, dtype=torch.float32,
+                                                            device=freqs.device))[None])
         d = _distances(queries, fresh, ramps, disc.box_size, metric)
+        if centre is not None:  # the carried-over centre is candidate 0
+            d = torch.cat([_distances(queries, centre[:, None], ramps, disc.box_size, metric), d],
+                          dim=1)
+            cand = np.concatenate([mats[:, None], cand], axis=1)
         best_d, best = torch.min(d, dim=1)
         ri, si = np.divmod(best.cpu().numpy(), len(_GRID2))
-        centre = fresh[torch.as_tensor(rows, device=device), torch.as_tensor(ri, device=device)]
-        mats = cand[rows, ri]
-        shifts = cand_shift[rows, si]
+        pick = torch.as_tensor(ri, device=rows.device)
+        if centre is None:
+            centre = fresh[rows, pick]
+        else:
+            centre = torch.where((pick == 0)[:, None], centre,
+                                 fresh[rows, (pick - 1).clamp_min(0)])
+        mats = cand[np.arange(m), ri]
+        shifts = shifts + _GRID2[si] * b
         dist = best_d.cpu().numpy().astype(np.float64)
     return mats, shifts, dist
 

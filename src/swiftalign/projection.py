@@ -124,20 +124,23 @@ class VolumeSpectrum:
         out = []
         for start in range(0, mats.shape[0], batch_size):
             # volume xyz = Aᵀ·(kx, ky, 0), i.e. row vector xyz·A
-            coords = torch.matmul(xyz, mats[start : start + batch_size])  # (b, k, 3) xyz
-            sign = torch.where(coords[..., :1] < 0, -1.0, 1.0)  # Friedel mate: conjugate
-            grid = torch.addcmul(offset, coords * sign, scale)  # grid_sample's [-1, 1]
+            grid = torch.matmul(xyz, mats[start : start + batch_size])  # (b, k, 3) xyz
+            sign = torch.where(grid[..., :1] < 0, -1.0, 1.0)  # Friedel mate: conjugate
+            grid.mul_(sign).mul_(scale).add_(offset)  # grid_sample's [-1, 1], in place
             b, k = grid.shape[:2]
             values = torch.nn.functional.grid_sample(
-                volume, grid.reshape(1, 1, 1, b * k, 3), mode="bilinear",
+                volume, grid.view(1, 1, 1, b * k, 3), mode="bilinear",
                 padding_mode="border", align_corners=True,
-            ).reshape(2, b, k)
+            ).view(2, b, k)
             if not inside_all:
                 values = values * (grid.abs() <= 1.0).all(dim=-1)
-            out.append(torch.complex(values[0], values[1] * sign[..., 0]))
+            pair = torch.empty((b, k, 2), dtype=torch.float32, device=device)
+            pair[..., 0] = values[0]
+            torch.mul(values[1], sign[..., 0], out=pair[..., 1])
+            out.append(torch.view_as_complex(pair))
         if not out:
             return torch.zeros((0, disc.n_coeff), dtype=torch.complex64, device=device)
-        return torch.cat(out).to(torch.complex64)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _grid_sample_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The transform as a `(1, 2, 2N, 2N, N + 1)` real/imaginary volume (cached).

@@ -41,6 +41,7 @@ __all__ = [
     "SearchResult",
     "IndexSettings",
     "auto_index_factory",
+    "search_cost_s",
     "ivfpq_factory",
     "search_gallery",
     "resolve_factory",
@@ -130,14 +131,53 @@ class IndexSettings:
     gpu_float16: bool = False
 
 
-def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -> str:
+# Measured costs of this machine (2 cores, idle; README B1/B2, 470,525 to 7,480,956 poses,
+# 1,000 and 4,000 particles, dim 276): seconds per unit of work.
+EXACT_S_PER_POSE_DIM = 7.2e-9  # regenerating the reference vectors, once per pass
+EXACT_S_PER_PARTICLE_POSE_DIM = 1.6e-11  # scoring (GEMM + top-k), per particle
+BUILD_S_PER_POSE_DIM = 6.2e-8  # IVF-PQ train + populate + tune
+QUERY_S_PER_CANDIDATE_DIM = 1.4e-8  # FAISS search + exact re-scoring of the candidates
+
+
+def search_cost_s(n_poses: int, dim: int, n_particles: int, *, exact: bool,
+                  rerank: int = 100) -> float:
+    """Predicted seconds of the search stage on the measured machine.
+
+    Exact: ``P·d·(a + n·b)`` (vectors regenerated once per pass, every particle
+    scored against every pose). IVF-PQ built in the run: ``P·d·c + n·rerank·d·e``
+    (training, populating and tuning grow with the poses; a query with the
+    candidates it re-scores). The constants are this module's ``*_S_PER_*``.
+
+    Parameters
+    ----------
+    n_poses, dim, n_particles : int
+        Reference poses, vector length, particles.
+    exact : bool
+        The exact streamed search, else an IVF-PQ index built for this run.
+    rerank : int
+        Candidates re-scored per particle (IVF-PQ).
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    work = float(n_poses) * dim
+    if exact:
+        return work * (EXACT_S_PER_POSE_DIM + n_particles * EXACT_S_PER_PARTICLE_POSE_DIM)
+    return work * BUILD_S_PER_POSE_DIM + n_particles * rerank * dim * QUERY_S_PER_CANDIDATE_DIM
+
+
+def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None,
+                       rerank: int = 100) -> str:
     """Pick an index for a reference-set size, vector length and particle count.
 
-    The exact search costs ``n_particles · n_poses · dim``; building an IVF index
-    costs about ``n_poses · nlist · dim`` (assigning every pose to a list) plus
-    training, so it only pays off for more than about ``2 · nlist`` particles
-    (or when the index is reused). Exact search is also used up to 200,000
-    poses. Otherwise :func:`ivfpq_factory`.
+    Exact search up to 200,000 poses (compression costs accuracy at low SNR,
+    README accuracy study) and whenever the measured cost model
+    (:func:`search_cost_s`) predicts it faster than building and querying
+    :func:`ivfpq_factory`: on the measured machine the crossover is near 4,200
+    particles at 470,525 poses and tends to 3,400 for very large reference sets.
+    With an unknown particle count (an index built for reuse) the index is used.
 
     Parameters
     ----------
@@ -147,6 +187,8 @@ def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -
         Search-vector length.
     n_particles : int, optional
         Particles to align (unknown: size only).
+    rerank : int
+        Candidates re-scored per particle by the index.
 
     Returns
     -------
@@ -155,10 +197,10 @@ def auto_index_factory(n_poses: int, dim: int, n_particles: int | None = None) -
     """
     if n_poses <= 200_000:
         return "Flat"
-    factory, nlist = _ivfpq(n_poses, dim)
-    if n_particles is not None and n_particles < 2 * nlist:
+    if n_particles is not None and search_cost_s(n_poses, dim, n_particles, exact=True) <= \
+            search_cost_s(n_poses, dim, n_particles, exact=False, rerank=rerank):
         return "Flat"
-    return factory
+    return _ivfpq(n_poses, dim)[0]
 
 
 def _ivfpq(n_poses: int, dim: int) -> tuple[str, int]:
@@ -379,6 +421,8 @@ def rescore(
     (torch.Tensor, torch.Tensor)
         `(n, min(k, c))` distances ascending and ids.
     """
+    if gallery.disc.transform == "dft" and gallery.metric in ("l2", "cosine"):
+        return _rescore_folded(gallery, queries, candidates, k, ctf_disc=ctf_disc, budget=budget)
     device = gallery.coeffs.device
     n, c = candidates.shape
     per_query = c * gallery.bytes_per_vector
@@ -394,6 +438,63 @@ def rescore(
         vecs = gallery.vectors(safe, ctf_disc=ctf)  # (b, c, dim)
         q = queries[start : start + step].to(device)
         d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
+        d = torch.where(valid, d, torch.full_like(d, float("inf")))
+        dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
+        out_d.append(dk)
+        out_i.append(torch.gather(safe, 1, order))
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _rescore_folded(
+    gallery: Gallery,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    *,
+    ctf_disc: torch.Tensor | None,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rescore` of Fourier-disc references with the shifts folded into the queries.
+
+    A candidate id is an image and a grid shift; its distance is
+    ``|q|² + |u|² − 2⟨q_s, u⟩`` with ``u`` the image's unshifted vector and ``q_s`` the
+    query shifted back (:func:`_shifted_queries`), so each distinct candidate image is
+    turned into a vector once per chunk (no phase ramps, no per-candidate
+    normalisation) and one batched product scores a particle's candidate images
+    against its shifted queries. With a CTF per particle (`(n, n_coeff)`) each
+    particle's candidate images are vectorised with its own CTF instead.
+    """
+    device = gallery.coeffs.device
+    per_particle = ctf_disc is not None and ctf_disc.ndim == 2
+    n_shifts, dim = gallery.n_shifts, gallery.disc.dim
+    n, c = candidates.shape
+    per_query = (c * (2 * dim + n_shifts) + n_shifts * dim) * 4 * 2
+    step = max(1, int(budget // max(per_query, 1)))
+    out_d, out_i = [], []
+    for start in range(0, n, step):
+        cand = candidates[start : start + step].to(device)
+        valid = cand >= 0
+        safe = torch.where(valid, cand, torch.zeros_like(cand))
+        image = torch.div(safe, n_shifts, rounding_mode="floor")
+        shift = safe - image * n_shifts
+        if per_particle:  # (b, c, n_coeff): every candidate with its particle's CTF
+            coeffs = gallery.coeffs[image] * ctf_disc[start : start + step, None].to(device)
+        else:  # each distinct image once
+            unique, inverse = torch.unique(image, return_inverse=True)
+            coeffs = gallery.coeffs[unique]
+            if ctf_disc is not None:
+                coeffs = coeffs * ctf_disc
+        if gallery.weights is not None:
+            coeffs = coeffs * gallery.weights
+        u = normalise_vectors(disc_to_vectors(coeffs, gallery.disc.box_size), gallery.metric)
+        u_norm2 = (u * u).sum(-1)
+        if not per_particle:
+            u, u_norm2 = u[inverse], u_norm2[inverse]
+        q = queries[start : start + step].to(device, torch.float32)
+        shifted = _shifted_queries(gallery, q).view(q.shape[0], n_shifts, dim)
+        scores = torch.bmm(u, shifted.transpose(1, 2))  # (b, c, n_shifts)
+        inner = torch.gather(scores, 2, shift[..., None])[..., 0]
+        d = (q * q).sum(1, keepdim=True) + u_norm2 - 2.0 * inner
         d = torch.where(valid, d, torch.full_like(d, float("inf")))
         dk, order = torch.topk(d, min(k, c), dim=1, largest=False)
         out_d.append(dk)
@@ -633,7 +734,8 @@ def validate_factory(factory: str, dim: int) -> None:
     TrainedIndex(factory, dim)
 
 
-def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None) -> str:
+def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None,
+                    rerank: int = 100) -> str:
     """The FAISS factory string that ``auto``, ``ivfpq`` or ``Flat`` stands for.
 
     Parameters
@@ -644,6 +746,8 @@ def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | Non
         Reference-set size and search-vector length.
     n_particles : int, optional
         Particles to align (``None``: unknown, e.g. an index built for reuse).
+    rerank : int
+        Candidates re-scored per particle (enters ``auto``'s cost model).
 
     Returns
     -------
@@ -652,7 +756,7 @@ def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | Non
     """
     f = factory.strip().lower()
     if f == "auto":
-        return auto_index_factory(n_poses, dim, n_particles)
+        return auto_index_factory(n_poses, dim, n_particles, rerank)
     if f == "ivfpq":
         return ivfpq_factory(n_poses, dim)
     if f == "flat":
@@ -743,7 +847,8 @@ def train_index(
     """
     pool = [galleries] if isinstance(galleries, Gallery) else list(galleries)
     first = pool[0]
-    factory = resolve_factory(settings.factory, first.n_poses, first.disc.dim, n_particles)
+    factory = resolve_factory(settings.factory, first.n_poses, first.disc.dim, n_particles,
+                              settings.rerank)
     if factory == "Flat":
         return None
     rng = np.random.default_rng(settings.seed)
