@@ -249,12 +249,32 @@ def remove_new_folders() -> list[Path]:
     for folder in sorted(_new_folders, key=lambda f: len(f.parts), reverse=True):
         try:
             if folder.is_dir() and not folder.is_symlink():
+                _remove_unheld_locks(folder)
                 folder.rmdir()  # only an empty folder
                 removed.append(folder)
         except OSError:
             pass
     _new_folders.clear()
     return removed
+
+
+def _remove_unheld_locks(folder: Path) -> None:
+    """Remove lock files (``.NAME.lock``) in ``folder`` that no process holds.
+
+    A Ctrl-C between creating a lock file and recording it leaves it behind;
+    one that another run holds (``flock``) stays.
+    """
+    import fcntl
+
+    for lock in folder.glob(".*.lock"):
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises when held
+            lock.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def remove_new_logs() -> None:

@@ -101,10 +101,13 @@ def guarded(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from swiftalign.cli._common import fail, note_new_folders
+        from swiftalign.cli._common import fail, note_new_folders, setup_logging
 
         # a log file on a full disk must not print logging's own tracebacks
         logging.raiseExceptions = False
+        # console messages before the command opens its log (e.g. a stale lock taken
+        # over) follow -q/-v too; the command adds its log file
+        setup_logging(bool(kwargs.get("verbose")), bool(kwargs.get("quiet")))
         output = kwargs.get("output")
         if output is not None:
             note_new_folders(output)
