@@ -629,3 +629,22 @@ def test_simulate_names_stacks_from_the_project_folder(in_project, tmp_path):
     p = subprocess.run(["relion_reconstruct", "--i", "sim2/particles.star", "--o",
                         "sim2/rec.mrc"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_refine_started_with_sigint_ignored_is_not_interrupted(project):
+    """A batch job (`cmd &` from a script) inherits SIGINT ignored: refine runs on, as align."""
+    out = project / "sigint_ignored"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swiftalign", "refine", "sim/particles.star", *REFINE_FAST,
+         "--iterations", "2", "-o", str(out)], cwd=project, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    t0 = time.monotonic()
+    while not (out / "job.json").exists() and proc.poll() is None:
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "interrupted" not in text, text
+    assert (out / "final" / "particles.star").exists()
