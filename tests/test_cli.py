@@ -65,6 +65,9 @@ def test_topk_output(sim, tmp_path):
 
 def _copy_dataset(sim, tmp_path):
     blocks = starfile.read(sim / "particles.star", always_dict=True)
+    # the copies name their stack from their own folder
+    idx = blocks["particles"]["rlnImageName"].str.split("@").str[0]
+    blocks["particles"]["rlnImageName"] = idx + "@particles.mrcs"
     data = mrcfile.read(sim / "particles.mrcs").copy()
     return blocks, data
 

@@ -45,8 +45,13 @@ REFINE_FAST = ["-r", str(MAP), "--initial-resolution", "40", "--max-resolution",
 def project(tmp_path_factory):
     """A project folder (the working directory of every command) with ``sim/``: 40 particles."""
     root = tmp_path_factory.mktemp("project")
-    r = runner.invoke(app, ["simulate", str(MAP), "-o", str(root / "sim"), "-n", "40",
-                            "--symmetry", "C4", "--snr-db", "0", "--seed", "3", "-q"])
+    cwd = os.getcwd()
+    os.chdir(root)  # simulate names its stack from the project folder: sim/particles.mrcs
+    try:
+        r = runner.invoke(app, ["simulate", str(MAP), "-o", "sim", "-n", "40",
+                                "--symmetry", "C4", "--snr-db", "0", "--seed", "3", "-q"])
+    finally:
+        os.chdir(cwd)
     assert r.exit_code == 0, r.output
     return root
 
@@ -104,7 +109,8 @@ def test_stale_lock_of_a_dead_process_is_taken_over(in_project):
     lock = out.parent / ".aligned.star.lock"
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid,
                                 "started": "yesterday", "command": "swiftalign align crashed"}))
-    r = _align(out)
+    r = runner.invoke(app, ["align", "sim/particles.star", "-r", str(MAP), "-o", str(out),
+                            *[a for a in ALIGN_FAST if a != "-q"]])  # -q: errors only
     assert r.exit_code == 0, r.output
     assert "stale lock" in r.output and "crashed" in r.output
     assert out.exists() and not lock.exists()
@@ -196,9 +202,9 @@ def test_image_names_relative_to_the_project_folder(in_project, tmp_path):
     assert names.str.endswith("@sim/particles.mrcs").all()  # as in the input, from the project
     # absolute input names stay absolute
     blocks = starfile.read("sim/particles.star", always_dict=True)
-    assert blocks["particles"]["rlnImageName"].str.endswith("@particles.mrcs").all()
+    assert blocks["particles"]["rlnImageName"].str.endswith("@sim/particles.mrcs").all()
     blocks["particles"]["rlnImageName"] = blocks["particles"]["rlnImageName"].str.replace(
-        "@particles.mrcs", f"@{in_project}/sim/particles.mrcs")
+        "@sim/particles.mrcs", f"@{in_project}/sim/particles.mrcs")
     starfile.write(blocks, tmp_path / "abs.star")
     r = _align(job / "abs_aligned.star", star=tmp_path / "abs.star")
     assert r.exit_code == 0, r.output
@@ -245,7 +251,7 @@ def test_disk_full_while_plotting_publishes_nothing(in_project, monkeypatch):
     out = in_project / "full" / "aligned.star"
     r = _align(out)
     _one_line_error(r, f"cannot write {out.parent}/aligned_angdist.png: no space left on device")
-    assert list(out.parent.iterdir()) == []  # no STAR, no run.json, no log, no temporaries
+    assert not out.parent.exists()  # no STAR, run.json, log, temporaries: the new folder removed
 
 
 def _mount_tmpfs(folder: Path, options: str) -> None:
@@ -304,7 +310,8 @@ def test_sigint_during_align_exits_130_and_leaves_nothing(project):
     assert rc == 130, text
     assert f"interrupted: align → {out}" in " ".join(text.split())
     assert "run it again" in text and "Traceback" not in text
-    assert list(out.parent.iterdir()) == []  # no log, no lock, no temporaries
+    assert len([ln for ln in text.splitlines() if ln.strip()]) == 1, text  # one line
+    assert not out.parent.exists()  # no log, lock, temporaries: the new folder removed
 
 
 @pytest.mark.slow
@@ -521,3 +528,123 @@ def test_star_header_fuzz(tmp_path, optics, particles, n_groups, optics_first):
     for label in particles:
         column = t.particles[label].tolist()
         assert column == [_particle_value(label, i, n_groups) for i in range(_N)], label
+
+
+# 13. new-user findings (issues 14/15): failing writes, folders left behind, Ctrl-C wording ----
+def test_fail_survives_a_log_that_cannot_be_removed(tmp_path, monkeypatch, capsys):
+    """A read-only folder: removing the log raises too; still one line and exit 2."""
+    import typer
+
+    from swiftalign.cli import _common
+
+    log = tmp_path / "out.log"
+    log.write_text("x")
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(_common, "_new_logs", [log])
+    with pytest.raises(typer.Exit) as exit_info:
+        _common.fail(OSError(errno.EROFS, "Read-only file system", str(log)))
+    assert exit_info.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [
+        f"error: cannot write {log}: read-only file system"]
+    assert _common._new_logs == []
+
+
+@pytest.mark.parametrize("command", ["export", "select"])
+def test_export_and_select_into_an_unwritable_place(in_project, tmp_path, command):
+    extra = ["--to", "bild"] if command == "export" else ["--top-fraction", "0.5", "--column",
+                                                          "rlnAngleRot"]
+    name = "out.bild" if command == "export" else "out.star"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    r = runner.invoke(app, [command, "sim/particles.star", *extra, "-o",
+                            str(blocker / "sub" / name), "-q"])
+    _one_line_error(r, f"cannot access {blocker}/sub: a path component is not a folder")
+    disk = tmp_path / "ro"
+    _mount_tmpfs(disk, "ro,size=1m")
+    try:
+        r = runner.invoke(app, [command, "sim/particles.star", *extra, "-o", str(disk / name)])
+        _one_line_error(r, f"cannot write {disk}/out.log: read-only file system")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_refusals_leave_no_new_folders(in_project, tmp_path, alarm):
+    """Every refused command removes the -o folder (and parents) it created: nothing partial."""
+    fifo = tmp_path / "pipe.mrc"
+    os.mkfifo(fifo)
+    other = tmp_path / "other.mrc"
+    with mrcfile.new(other) as m:
+        m.set_data(np.zeros((48, 48, 48), np.float32))
+        m.voxel_size = 2.0
+    runs = {
+        "f1": ["align", str(fifo), "-r", str(MAP), "--resolution", "30", "-o", "f1/a.star"],
+        "f3": ["refine", str(fifo), "-r", str(MAP), "--initial-resolution", "40", "-o", "f3"],
+        "pp": ["postprocess", str(fifo), str(fifo), "--mask", str(fifo), "-o", "pp"],
+        "lr": ["local-resolution", str(fifo), str(fifo), "--mask", str(fifo), "-o", "lr/x"],
+        "sm": ["simulate", str(fifo), "-o", "sm"],
+        "ppv": ["postprocess", str(MAP), str(other), "--mask", str(MAP), "-o", "ppv"],
+        "refsym_C3": ["refine", "sim/particles.star", "-r", str(MAP), "--initial-resolution",
+                      "40", "--symmetry", "C3", "-o", "refsym_C3"],
+    }
+    for folder, args in runs.items():
+        r = runner.invoke(app, [*args, "-q"])
+        _one_line_error(r)
+        assert not (in_project / folder).exists(), (folder, r.output)
+    assert "RELION's C3: 3-fold on z" in r.output
+
+
+def test_sigint_during_simulate_names_it_and_leaves_nothing(project):
+    out = project / "sigint_sim" / "sim"
+    rc, text = _interrupt_when(
+        [sys.executable, "-m", "swiftalign", "simulate", str(MAP), "-o", str(out), "-n",
+         "100000", "--no-ctf"], project, (out / "simulate.log").exists)
+    assert rc == 130, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text  # no log ERROR line besides
+    assert f"interrupted: simulate → {out}" in " ".join(text.split())
+    assert not out.parent.exists()
+
+
+def test_simulate_names_stacks_from_the_project_folder(in_project, tmp_path):
+    """As RELION: relion_reconstruct --i sim2/particles.star works from the project folder."""
+    r = runner.invoke(app, ["simulate", str(MAP), "-o", "sim2", "-n", "6", "-q"])
+    assert r.exit_code == 0, r.output
+    names = starfile.read("sim2/particles.star", always_dict=True)["particles"]["rlnImageName"]
+    assert names.str.endswith("@sim2/particles.mrcs").all()
+    from swiftalign.io import ParticleImages, read_particles
+
+    os.chdir(tmp_path)  # found from another working directory too (the folders above)
+    try:
+        with ParticleImages(read_particles(in_project / "sim2" / "particles.star")) as images:
+            assert images.read(np.array([5])).shape == (1, 48, 48)
+    finally:
+        os.chdir(in_project)
+    if shutil.which("relion_reconstruct") is None:
+        pytest.skip("RELION not installed")
+    p = subprocess.run(["relion_reconstruct", "--i", "sim2/particles.star", "--o",
+                        "sim2/rec.mrc"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_refine_started_with_sigint_ignored_is_not_interrupted(project):
+    """A batch job (`cmd &` from a script) inherits SIGINT ignored: refine runs on, as align."""
+    out = project / "sigint_ignored"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swiftalign", "refine", "sim/particles.star", *REFINE_FAST,
+         "--iterations", "2", "-o", str(out)], cwd=project, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    t0 = time.monotonic()
+    while not (out / "job.json").exists() and proc.poll() is None:
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "interrupted" not in text, text
+    assert (out / "final" / "particles.star").exists()

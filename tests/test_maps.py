@@ -201,3 +201,64 @@ def test_local_resolution_agrees_with_relion_locres(halves, tmp_path):
     # measured: medians 4.77 vs 4.66 Å (one shell here is about 0.35 Å), correlation 0.79
     assert abs(np.median(ours[inside]) - np.median(theirs[inside])) < 0.35
     assert np.corrcoef(ours[inside], theirs[inside])[0, 1] > 0.6
+
+
+def test_postprocess_of_independent_noise_says_no_signal(trpv1_map, tmp_path):
+    """No NaN resolution, no sharpened map as if fine: "no signal", exit 2, RELION's 999 Å."""
+    rng = np.random.default_rng(0)
+    for name in ("n1", "n2"):
+        write_map(tmp_path / f"{name}.mrc", rng.standard_normal((48,) * 3).astype(np.float32),
+                  4.88)
+    write_map(tmp_path / "mask.mrc", np.ones((48,) * 3, np.float32), 4.88)
+    out = tmp_path / "noise"
+    r = runner.invoke(app, ["postprocess", str(tmp_path / "n1.mrc"), str(tmp_path / "n2.mrc"),
+                            "--mask", str(tmp_path / "mask.mrc"), "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no signal" in lines[0]
+    assert "nan" not in r.output.lower()
+    general = starfile.read(out / "postprocess.star", always_dict=True)["general"]
+    assert general["rlnFinalResolution"] == 999.0 and general["rlnBfactorUsedForSharpening"] == 0
+    assert not (out / "postprocess.mrc").exists() and not (out / "postprocess_masked.mrc").exists()
+    assert "no signal" in (out / "postprocess.log").read_text()
+    assert (out / "postprocess_fsc.png").exists()
+
+
+def test_postprocess_bound_is_shown_as_bound_and_quiet_means_errors_only(trpv1_map, tmp_path):
+    """Identical maps: the FSC never falls, "≤ 9.76 Å"; -q hides the Guinier warning."""
+    write_map(tmp_path / "m.mrc", trpv1_map.data, 4.88)
+    write_map(tmp_path / "mask.mrc", np.ones((48,) * 3, np.float32), 4.88)
+    args = ["postprocess", str(tmp_path / "m.mrc"), str(tmp_path / "m.mrc"), "--mask",
+            str(tmp_path / "mask.mrc")]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "resolution ≤ 9.76 Å (FSC 0.143)" in " ".join(r.output.split())
+    assert "fewer than two Guinier points" in " ".join(r.output.split())
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "b"), "-q"])
+    assert r.exit_code == 0 and r.output.strip() == "", r.output
+    assert "fewer than two Guinier points" in (tmp_path / "b" / "postprocess.log").read_text()
+
+
+def test_fsc_plot_never_marks_a_crossing_beyond_the_box():
+    from swiftalign.plots import _crossing
+
+    freq = np.arange(25) / (48 * 4.88)
+    noise = np.r_[1.0, 0.1, np.full(23, 0.02)]  # falls below 0.5 before shell 1: 688 Å
+    assert _crossing(freq, noise, 0.5) is None and _crossing(freq, noise, 0.143) is None
+    real = np.r_[1.0, np.linspace(0.99, 0.0, 24)]
+    assert 1 / _crossing(freq, real, 0.5) == pytest.approx(48 * 4.88 / 12.5, rel=0.02)
+
+
+@pytest.mark.parametrize("bfactor", [50.0, 150.0])
+def test_postprocess_finds_the_bfactor_applied_to_a_map(bfactor):
+    """A map of flat amplitudes (white noise, 64³ at 1 Å/px) blurred by exp(−B s²/4):
+
+    identical halves (FSC 1, weights 1), fitted as RELION from 10 Å to Nyquist
+    (2 Å; --autob_highres 0), gives −B back (a sharpening B-factor)."""
+    from swiftalign.postprocess import postprocess_half_maps
+
+    flat = np.random.default_rng(3).standard_normal((64,) * 3)
+    blurred = _blur(flat, bfactor, 1.0).astype(np.float32)
+    result = postprocess_half_maps(blurred, blurred, np.ones_like(blurred), 1.0)
+    assert result.bfactor_angstrom2 == pytest.approx(-bfactor, abs=3.0)
+    assert result.fit is not None and result.fit.correlation > 0.99

@@ -389,8 +389,8 @@ def test_relion_project_relative_image_names(sim, tmp_path, monkeypatch):
     (project / "Refine3D" / "job010").mkdir(parents=True)
     shutil.copy(sim / "particles.mrcs", project / "Extract" / "job005" / "particles.mrcs")
     blocks = starfile.read(sim / "particles.star", always_dict=True)
-    blocks["particles"]["rlnImageName"] = blocks["particles"]["rlnImageName"].str.replace(
-        "@", "@Extract/job005/")
+    idx = blocks["particles"]["rlnImageName"].str.split("@").str[0]
+    blocks["particles"]["rlnImageName"] = idx + "@Extract/job005/particles.mrcs"
     star = project / "Refine3D" / "job010" / "run_data.star"
     starfile.write(blocks, star)
     monkeypatch.chdir(tmp_path)  # not the project folder: found from the folders above the STAR

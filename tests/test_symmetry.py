@@ -133,3 +133,18 @@ def test_pseudo_symmetric_map_with_a_ligand():
     heavy = np.array([[0.0, 12.0, 6.0], [2.0, 11.0, 8.0], [-3.0, 13.0, 4.0], [0.0, 9.0, 9.0]])
     assert detect_near_symmetry(_symmetric_blobs("C4", extra=heavy), symmetry_matrices("C1"),
                                 **kw) is None
+
+
+def test_symmetry_refusal_hint_names_the_groups_own_axes():
+    """The hint is RELION's generators of the group asked for, not the Cn/Dn rule for all."""
+    from swiftalign.symmetry import symmetry_axes_text
+
+    assert symmetry_axes_text("c4") == "RELION's C4: 4-fold on z"
+    assert symmetry_axes_text("D7") == "RELION's D7: 7-fold on z, 2-fold on x"
+    assert symmetry_axes_text("T") == "RELION's T: 3-fold on z, 2-fold on (0.000, 0.816, 0.577)"
+    assert symmetry_axes_text("O") == ("RELION's O: 3-fold on (0.577, 0.577, 0.577), "
+                                       "4-fold on z")
+    assert symmetry_axes_text("I").startswith("RELION's I (= I2): 2-fold on z, 5-fold on "
+                                              "(0.526, 0.000, 0.851)")
+    assert "5-fold on z" in symmetry_axes_text("I3")
+    assert symmetry_axes_text("C3v") == "RELION's C3v: 3-fold on z, mirror normal to y"

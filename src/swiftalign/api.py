@@ -421,7 +421,9 @@ def simulate(
     reference : str, Path, MapData or np.ndarray
         Cubic map; an array needs ``voxel_size_angstrom``.
     output_dir : str or Path
-        Receives ``particles.mrcs`` and ``particles.star``.
+        Receives ``particles.mrcs`` and ``particles.star``, whose image names
+        are relative to the working directory (the project folder), as RELION
+        writes them; absolute when ``output_dir`` is outside it.
     n_particles : int
     snr_db : float
         Variance of the clean CTF-modulated projection over the noise variance (dB).

@@ -54,12 +54,17 @@ def png_bytes(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def _crossing(freq: np.ndarray, curve: np.ndarray, threshold: float) -> float | None:
-    """Spatial frequency (1/Å) where ``curve`` first falls below ``threshold``."""
+    """Spatial frequency (1/Å) where ``curve`` first falls below ``threshold``.
+
+    None when it never does, or when it does before shell 1 (a resolution
+    coarser than the box, which no FSC can measure).
+    """
     for i in range(1, len(curve)):
         if curve[i] < threshold:
             a, b = curve[i - 1], curve[i]
             frac = (a - threshold) / (a - b) if a != b else 0.0
-            return float(freq[i - 1] + frac * (freq[i] - freq[i - 1]))
+            cross = float(freq[i - 1] + frac * (freq[i] - freq[i - 1]))
+            return cross if cross >= freq[1] * (1 - 1e-9) else None
     return None
 
 
@@ -71,6 +76,7 @@ def fsc_figure(
     title: str = "",
     resolution_is_bound: bool = False,
     note: str | None = None,
+    mark_crossings: bool = True,
 ) -> Figure:
     """FSC curves against spatial frequency, with the 0.143 and 0.5 thresholds marked.
 
@@ -92,6 +98,9 @@ def fsc_figure(
     note : str, optional
         Written boxed in the plot: e.g. that the resolution is only a bound
         (``≤`` Nyquist) or that there is no signal.
+    mark_crossings : bool
+        Mark where the ``corrected`` curve crosses each threshold (never
+        before shell 1: beyond the box); False without signal.
 
     Returns
     -------
@@ -108,7 +117,8 @@ def fsc_figure(
     for j, thr in enumerate(thresholds):
         ax.axhline(thr, color="grey", ls="--", lw=0.8,
                    label="thresholds " + ", ".join(f"{t:g}" for t in thresholds) if j == 0 else None)
-        cross = _crossing(freq, np.asarray(main), thr) if main is not None else None
+        cross = (_crossing(freq, np.asarray(main), thr)
+                 if main is not None and mark_crossings else None)
         if cross is not None and cross > 0:
             ax.axvline(cross, color="grey", ls=":", lw=0.8)
             ax.annotate(f"{1 / cross:.1f} Å", (cross, thr), xytext=(4, 6),
@@ -157,7 +167,7 @@ def fsc_figure_from_result(fsc, pixel_size_angstrom: float, title: str = "") -> 
         "phase-randomised (masked)": fsc.randomised,
         "corrected": fsc.corrected,
     }, threshold=fsc.threshold, title=title,
-        resolution_is_bound=bool(fsc.resolution_is_bound),
+        resolution_is_bound=bool(fsc.resolution_is_bound), mark_crossings=not fsc.no_signal,
         note=_fsc_note(fsc.resolution_is_bound, fsc.no_signal, fsc.resolution_angstrom,
                        fsc.threshold))
 
@@ -211,12 +221,14 @@ def fsc_figure_from_star(path: str | Path, title: str | None = None) -> Figure:
     res = general.get("rlnFinalResolution")
     bound = bool(int(general.get("swiftalignResolutionIsBound", 0)))
     no_signal = bool(int(general.get("swiftalignNoSignal", 0)))
+    no_signal = no_signal or (res is not None and not float(res) < 999.0)  # RELION: 999 = none
     if title is None:
         text = ("no signal" if no_signal else f"{'≤ ' if bound else ''}{float(res):.2f} Å"
                 if res is not None else None)
         title = f"{path.parent.name}: {text}" if text else path.parent.name
     note = _fsc_note(bound, no_signal, float(res) if res is not None else float("nan"), 0.143)
-    return fsc_figure(freq, curves, title=title, resolution_is_bound=bound, note=note)
+    return fsc_figure(freq, curves, title=title, resolution_is_bound=bound, note=note,
+                      mark_crossings=not no_signal)
 
 
 def angular_histogram(rot_deg: np.ndarray, tilt_deg: np.ndarray, bins_deg: float | None = None
@@ -392,6 +404,7 @@ def guinier_figure(
     fit_lowres_angstrom: float = 10.0,
     resolution_angstrom: float | None = None,
     title: str = "",
+    resolution_text: str | None = None,
 ) -> Figure:
     """Guinier plot: ln of the mean Fourier amplitude per shell against ``1/d²``.
 
@@ -406,6 +419,9 @@ def guinier_figure(
     resolution_angstrom : float, optional
         Marked with a vertical line.
     title : str
+    resolution_text : str, optional
+        Its label (``FscResult.resolution_text()``: ``≤`` for a bound);
+        default ``"{resolution_angstrom:.2f} Å"``.
 
     Returns
     -------
@@ -424,7 +440,7 @@ def guinier_figure(
                 label=f"fit: B = {4 * fit[0]:.0f} Å²")
     if resolution_angstrom is not None and np.isfinite(resolution_angstrom):
         ax.axvline(1.0 / resolution_angstrom**2, color="grey", ls=":", lw=0.8,
-                   label=f"FSC 0.143: {resolution_angstrom:.2f} Å")
+                   label=f"FSC 0.143: {resolution_text or f'{resolution_angstrom:.2f} Å'}")
     ax.set_xlabel("1/d² (Å⁻²)")
     ax.set_ylabel("ln(mean amplitude)")
     ax.set_xlim(0, x[-1] if len(x) and x[-1] > 0 else 1)

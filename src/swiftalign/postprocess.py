@@ -35,7 +35,11 @@ from swiftalign.mask import radius_in_shells, relion_lowpass
 
 log = logging.getLogger(__name__)
 
+#: ``rlnFinalResolution`` (Å) of half maps without signal: RELION's "no resolution" (999 Å).
+NO_RESOLUTION_ANGSTROM = 999.0
+
 __all__ = [
+    "NO_RESOLUTION_ANGSTROM",
     "GuinierFit",
     "PostprocessResult",
     "fsc_weights",
@@ -87,8 +91,9 @@ class PostprocessResult:
     log_amplitudes : dict of str to np.ndarray
         ``original``, ``weighted``, ``sharpened``: `(n,)` ln of the mean
         amplitude per shell (``-99`` where it is 0, as RELION).
-    sharpened, sharpened_masked : np.ndarray
-        `(N, N, N)` maps.
+    sharpened, sharpened_masked : np.ndarray or None
+        `(N, N, N)` maps; None when the half maps carry no signal
+        (``fsc.no_signal``: nothing to sharpen, no B-factor fitted).
     lowpass_angstrom : float
         Low-pass applied after sharpening (0 for none).
     mask_fraction : float
@@ -102,8 +107,8 @@ class PostprocessResult:
     fit: GuinierFit | None
     resolution_squared: np.ndarray
     log_amplitudes: dict[str, np.ndarray]
-    sharpened: np.ndarray
-    sharpened_masked: np.ndarray
+    sharpened: np.ndarray | None
+    sharpened_masked: np.ndarray | None
     lowpass_angstrom: float
     mask_fraction: float
     pixel_size_angstrom: float
@@ -199,9 +204,14 @@ def postprocess_half_maps(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray
     Returns
     -------
     PostprocessResult
+        Without signal in the half maps (``result.fsc.no_signal``, see
+        :func:`swiftalign.fsc.require_signal`) no B-factor is fitted and no
+        sharpened map is made (``sharpened`` is None).
     """
     n = half1.shape[0]
     fsc = gold_standard_fsc(half1, half2, mask, pixel_size_angstrom, seed=seed)
+    if fsc.no_signal:
+        bfactor_angstrom2 = 0.0 if bfactor_angstrom2 is None else bfactor_angstrom2
     fsc_used = _fsc_for_weighting(fsc)
     radius = radius_in_shells(n)
     shell = np.floor(radius + 0.5).astype(np.int64)
@@ -215,7 +225,7 @@ def postprocess_half_maps(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray
     spec = spec * weight[np.minimum(shell, n_shells - 1)] * (shell < n_shells)
     logs["weighted"] = _log_mean_amplitude(spec, shell, n_shells)
     fit = None
-    if bfactor_angstrom2 is None:
+    if bfactor_angstrom2 is None:  # fitted from autob_lowres to where the weights vanish
         fit = fit_guinier(res_sq, logs["weighted"], lowres_angstrom=autob_lowres_angstrom,
                           highres_angstrom=autob_highres_angstrom)
         bfactor_angstrom2 = fit.bfactor_angstrom2
@@ -226,18 +236,21 @@ def postprocess_half_maps(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray
     s2 = (radius / (n * pixel_size_angstrom)) ** 2
     spec = spec * np.where(radius <= n / 2, np.exp(-bfactor_angstrom2 / 4.0 * s2), 0.0)
     logs["sharpened"] = _log_mean_amplitude(spec, shell, n_shells)
-    sharpened = np.fft.irfftn(spec * n**3, s=half1.shape, axes=(0, 1, 2))
     applied = fsc.resolution_angstrom if lowpass_angstrom < 0 else lowpass_angstrom
-    if applied > 0:
-        sharpened = relion_lowpass(sharpened, applied, pixel_size_angstrom)
-    sharpened = sharpened.astype(np.float32)
+    sharpened = masked = None
+    if not fsc.no_signal:
+        sharpened = np.fft.irfftn(spec * n**3, s=half1.shape, axes=(0, 1, 2))
+        if applied > 0:
+            sharpened = relion_lowpass(sharpened, applied, pixel_size_angstrom)
+        sharpened = sharpened.astype(np.float32)
+        masked = (sharpened * mask).astype(np.float32)
     return PostprocessResult(
         fsc=fsc, fsc_used=fsc_used, bfactor_angstrom2=float(bfactor_angstrom2), fit=fit,
         resolution_squared=res_sq[until_nyquist],
         log_amplitudes={k: v[until_nyquist] for k, v in logs.items()},
-        sharpened=sharpened, sharpened_masked=(sharpened * mask).astype(np.float32),
-        lowpass_angstrom=float(applied), mask_fraction=solvent_mask_fraction(mask),
-        pixel_size_angstrom=float(pixel_size_angstrom))
+        sharpened=sharpened, sharpened_masked=masked,
+        lowpass_angstrom=float(applied) if np.isfinite(applied) else 0.0,
+        mask_fraction=solvent_mask_fraction(mask), pixel_size_angstrom=float(pixel_size_angstrom))
 
 
 def _fsc_table(result: PostprocessResult, box: int):
@@ -269,12 +282,16 @@ def postprocess_star_blocks(result: PostprocessResult, *, box: int,
     """``general``, ``fsc`` and ``guinier`` blocks with ``relion_postprocess``'s columns.
 
     ``rlnFinalResolution`` is the interpolated FSC = 0.143 crossing (RELION
-    writes the last shell above 0.143: the two differ by less than one shell).
+    writes the last shell above 0.143: the two differ by less than one shell);
+    without signal it is ``NO_RESOLUTION_ANGSTROM`` (999, RELION's value when
+    no shell is above 0.143), never NaN.
     """
     import pandas as pd
 
+    resolution = result.fsc.resolution_angstrom
     general: dict = {
-        "rlnFinalResolution": float(result.fsc.resolution_angstrom),
+        "rlnFinalResolution": float(resolution) if np.isfinite(resolution)
+        else NO_RESOLUTION_ANGSTROM,
         "rlnBfactorUsedForSharpening": result.bfactor_angstrom2,
         "rlnUnfilteredMapHalf1": half_map_names[0],
         "rlnUnfilteredMapHalf2": half_map_names[1],
@@ -302,12 +319,14 @@ def write_postprocess(out_dir: str | Path, result: PostprocessResult, *,
                       autob_lowres_angstrom: float = 10.0) -> dict[str, Path]:
     """Write ``postprocess.mrc``, ``postprocess_masked.mrc``, ``postprocess.star`` and plots.
 
-    Every file is written under a temporary name and renamed.
+    Every file is written under a temporary name and renamed. Without signal
+    (``result.fsc.no_signal``) only ``postprocess.star`` (``rlnFinalResolution``
+    999) and the plots are written: no sharpened map.
 
     Returns
     -------
     dict of str to Path
-        ``map``, ``masked_map``, ``star``, ``fsc_plot``, ``guinier_plot``.
+        ``star``, ``fsc_plot``, ``guinier_plot`` and, with signal, ``map`` and ``masked_map``.
     """
     import starfile
 
@@ -317,23 +336,27 @@ def write_postprocess(out_dir: str | Path, result: PostprocessResult, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    box = result.sharpened.shape[0]
-    paths = {"map": out / "postprocess.mrc", "masked_map": out / "postprocess_masked.mrc",
-             "star": out / "postprocess.star", "fsc_plot": out / "postprocess_fsc.png",
+    box = len(result.fsc.unmasked) * 2 - 2
+    paths = {"star": out / "postprocess.star", "fsc_plot": out / "postprocess_fsc.png",
              "guinier_plot": out / "postprocess_guinier.png"}
-    write_map(paths["map"], result.sharpened, result.pixel_size_angstrom)
-    write_map(paths["masked_map"], result.sharpened_masked, result.pixel_size_angstrom)
+    if result.sharpened is not None and result.sharpened_masked is not None:
+        paths["map"] = out / "postprocess.mrc"
+        paths["masked_map"] = out / "postprocess_masked.mrc"
+        write_map(paths["map"], result.sharpened, result.pixel_size_angstrom)
+        write_map(paths["masked_map"], result.sharpened_masked, result.pixel_size_angstrom)
     blocks = postprocess_star_blocks(result, box=box, half_map_names=half_map_names,
                                      mask_name=mask_name)
     with atomic_write(paths["star"]) as tmp:
         starfile.write(blocks, tmp, overwrite=True)
-    title = (f"{result.fsc.resolution_angstrom:.2f} Å (FSC {result.fsc.threshold:g}), "
+    title = ("no signal" if result.fsc.no_signal else
+             f"{result.fsc.resolution_text()} (FSC {result.fsc.threshold:g}), "
              f"B = {result.bfactor_angstrom2:.0f} Å²")
     save_figure(fsc_figure_from_result(result.fsc, result.pixel_size_angstrom, title),
                 paths["fsc_plot"])
     fit = None if result.fit is None else (result.fit.slope_angstrom2, result.fit.intercept)
     save_figure(guinier_figure(result.resolution_squared, result.log_amplitudes, fit=fit,
                                fit_lowres_angstrom=autob_lowres_angstrom,
-                               resolution_angstrom=result.fsc.resolution_angstrom),
+                               resolution_angstrom=result.fsc.resolution_angstrom,
+                               resolution_text=result.fsc.resolution_text()),
                 paths["guinier_plot"])
     return paths

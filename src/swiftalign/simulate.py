@@ -14,6 +14,7 @@ normalised so that its pixel variance, hence the SNR definition, is unchanged.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from swiftalign.conventions import (
 )
 from swiftalign.ctf import CtfParams, ctf_rfft2
 from swiftalign.io.mrc import MapData, write_stack
-from swiftalign.io.star import ParticleTable, write_particles
+from swiftalign.io.star import ParticleTable, project_relative, write_particles
 from swiftalign.projection import project
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 from swiftalign.symmetry import symmetry_matrices, to_asymmetric_unit
@@ -215,6 +216,11 @@ def write_dataset(
 ) -> Path:
     """Write ``particles.mrcs`` and ``particles.star`` (RELION 3.1, truth in the standard columns).
 
+    Image names are relative to the project folder (the working directory), as
+    RELION writes them (``000001@sim/particles.mrcs`` for ``out_dir`` ``sim``),
+    so ``relion_reconstruct --i sim/particles.star`` works from the project
+    folder; absolute when ``out_dir`` is outside the working directory.
+
     Returns
     -------
     Path
@@ -224,7 +230,10 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     n = len(images)
     write_stack(out / "particles.mrcs", images, pixel_size_angstrom)
-    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)]})
+    stack = project_relative(out / "particles.mrcs", os.getcwd())
+    if stack.startswith(".."):  # outside the project folder: a name that works from anywhere
+        stack = os.path.abspath(out / "particles.mrcs")
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{stack}" for i in range(n)]})
     for col in truth.columns:
         particles[col] = truth[col].to_numpy()
     particles["rlnOpticsGroup"] = 1
@@ -251,7 +260,7 @@ def write_dataset(
         amplitude_contrast=np.full(n, config.amplitude_contrast),
     )
     write_particles(out / "particles.star", table, box_size=images.shape[-1],
-                    project_names=False)  # a self-contained folder: names from its own folder
+                    project_names=False)  # named above
     return out / "particles.star"
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "detect_near_symmetry",
     "NearSymmetry",
     "NEAR_SYMMETRY_MIN_CC",
+    "symmetry_axes_text",
     "SYMMETRY_REFUSE_BELOW",
     "SYMMETRY_WARN_BELOW",
 ]
@@ -473,6 +474,41 @@ def symmetry_agreement(volume: np.ndarray, group: np.ndarray, *, pixel_size_angs
     return np.array([comparison.correlation(g) for g in group])
 
 
+def _axis_text(vector: tuple) -> str:
+    v = np.asarray(vector, dtype=np.float64)
+    v = v / np.linalg.norm(v)
+    for name, unit in zip("xyz", np.eye(3), strict=True):
+        if np.allclose(np.abs(v), unit, atol=1e-6):
+            return f"-{name}" if v @ unit < 0 else name
+    return "(" + ", ".join(f"{c:.3f}" for c in v) + ")"
+
+
+def symmetry_axes_text(symmetry: str) -> str:
+    """RELION's generators of ``symmetry`` in words, e.g. ``"D7: 7-fold on z, 2-fold on x"``.
+
+    ``T``: ``3-fold on z, 2-fold on (0.000, 0.816, 0.577)``; ``O``: ``3-fold on
+    (0.577, 0.577, 0.577), 4-fold on z``; mirrors are named by their normal.
+
+    Raises
+    ------
+    ValueError
+        For a name RELION does not know (:func:`parse_symmetry`).
+    """
+    family, order = parse_symmetry(symmetry)
+    parts = []
+    for kind, fold, vector in _generators(family, order):
+        if kind == "rot":
+            parts.append(f"{fold}-fold on {_axis_text(vector)}")
+        elif kind == "inversion":
+            parts.append("inversion")
+        else:
+            parts.append(f"mirror normal to {_axis_text(vector)}")
+    spelled = symmetry.strip()
+    name = {"I2": "I (= I2)", "I2H": "Ih (= I2h)"}.get(family, spelled[:1].upper()
+                                                       + spelled[1:].lower())
+    return f"RELION's {name}: {', '.join(parts) or 'identity only'}"
+
+
 def check_reference_symmetry(volume: np.ndarray, symmetry: str, *, pixel_size_angstrom: float,
                              resolution_angstrom: float, force: bool = False,
                              name: str = "reference") -> float:
@@ -524,7 +560,7 @@ def check_reference_symmetry(volume: np.ndarray, symmetry: str, *, pixel_size_an
            f"(lowest map-to-rotated-copy correlation at {resolution_angstrom:g} Å; 1 = symmetric)")
     if agreement < SYMMETRY_REFUSE_BELOW and not force:
         raise InputError(f"{msg}, below {SYMMETRY_REFUSE_BELOW}: its axes are not where RELION "
-                         f"puts them for {symmetry.upper()} (Cn/Dn: n-fold on z, Dn 2-fold on x); "
+                         f"puts them for {symmetry.upper()} ({symmetry_axes_text(symmetry)}); "
                          "rotate the map, or pass --force-symmetry")
     if agreement < SYMMETRY_WARN_BELOW:
         logging.getLogger(__name__).warning("%s", msg)

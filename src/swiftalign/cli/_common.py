@@ -83,27 +83,57 @@ class RateColumn(ProgressColumn):
 
 
 def setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
-    """Configure the root logger once per command."""
-    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    """Configure the root logger once per command.
+
+    The console shows errors only under ``quiet``, debug messages under
+    ``verbose``, else information; ``log_file`` (created, with its folders,
+    when missing) keeps everything. Folders and a log this run creates are
+    recorded, so that a failing command removes them (:func:`fail`).
+
+    Raises
+    ------
+    OSError
+        The log file or its folder cannot be created (read-only folder, a
+        file in the way, full disk); the console handler is set up anyway.
+    """
+    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO)
     handlers: list[logging.Handler] = []
     from rich.logging import RichHandler
 
     rich_handler = RichHandler(console=console, show_path=False, level=level)
     rich_handler.setFormatter(logging.Formatter("%(message)s"))
     handlers.append(rich_handler)
+    error: OSError | None = None
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        if not log_file.exists():
-            _new_logs.append(log_file)
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        fh.setLevel(logging.DEBUG)
-        handlers.append(fh)
-    logging.basicConfig(level=logging.DEBUG if log_file else level, handlers=handlers, force=True)
+        try:
+            note_new_folders(log_file.parent)
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            is_new = not log_file.exists()
+            fh = logging.FileHandler(log_file)
+            if is_new:
+                _new_logs.append(log_file)
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            fh.setLevel(logging.DEBUG)
+            handlers.append(fh)
+        except OSError as exc:
+            error = exc
+    logging.basicConfig(level=logging.DEBUG if len(handlers) > 1 else level, handlers=handlers,
+                        force=True)
     for noisy in ("faiss", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    if error is not None:
+        raise error
+
+
+def log_to_file_only(level: int, message: str) -> None:
+    """Write ``message`` to the command's log file(s) only, not to the console."""
+    record = logging.getLogger("swiftalign").makeRecord(
+        "swiftalign", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 @contextmanager
@@ -185,6 +215,78 @@ def run_record(*, device: str | None = None, **fields) -> dict:
 
 
 _new_logs: list[Path] = []
+_new_folders: list[Path] = []
+
+
+def note_new_folders(path: str | Path) -> None:
+    """Record ``path`` and those of its parents that do not exist yet (this run creates them).
+
+    :func:`remove_new_folders` removes them again when the command fails and
+    they are still empty.
+    """
+    p = Path(os.path.abspath(path))
+    try:
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            if p not in _new_folders:
+                _new_folders.append(p)
+            p = p.parent
+    except OSError:  # unreadable parent: nothing can be created below it anyway
+        pass
+
+
+def remove_new_folders() -> list[Path]:
+    """Remove the recorded folders that this run created and left empty (deepest first).
+
+    Our log and lock are gone by then (:func:`fail`, the guard's lock
+    release); a folder holding anything else is kept. Never raises.
+
+    Returns
+    -------
+    list of Path
+        The folders removed.
+    """
+    removed = []
+    for folder in sorted(_new_folders, key=lambda f: len(f.parts), reverse=True):
+        try:
+            if folder.is_dir() and not folder.is_symlink():
+                _remove_unheld_locks(folder)
+                folder.rmdir()  # only an empty folder
+                removed.append(folder)
+        except OSError:
+            pass
+    _new_folders.clear()
+    return removed
+
+
+def _remove_unheld_locks(folder: Path) -> None:
+    """Remove lock files (``.NAME.lock``) in ``folder`` that no process holds.
+
+    A Ctrl-C between creating a lock file and recording it leaves it behind;
+    one that another run holds (``flock``) stays.
+    """
+    import fcntl
+
+    for lock in folder.glob(".*.lock"):
+        fd = os.open(lock, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises when held
+            lock.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def remove_new_logs() -> None:
+    """Close the logs and remove those this run created (never raises)."""
+    logging.shutdown()
+    logs = list(_new_logs)
+    _new_logs.clear()
+    for log_file in logs:
+        try:
+            log_file.unlink(missing_ok=True)
+        except OSError:  # read-only folder, gone: nothing to remove
+            pass
 
 
 #: Unit suffixes of config field names that the CLI flags leave out (``resolution_angstrom``
@@ -240,15 +342,29 @@ def user_message(exc: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def fail(exc: Exception) -> None:
-    """Print a user error on one line, remove the log this run created, and exit 2 (no traceback)."""
+def fail(exc: Exception, *, keep_log: bool = False) -> None:
+    """Print a user error on one line, remove the log this run created, and exit 2 (no traceback).
+
+    The error is written to the log too; ``keep_log``: the log stays (outputs
+    that explain the failure were written beside it). The guard
+    (``cli/_guard.py``) then removes the folders this run created and left
+    empty. Removing the log never raises (read-only folder).
+
+    Raises
+    ------
+    typer.Exit
+        Always, with code 2.
+    """
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(user_message(exc))}", soft_wrap=True)
-    logging.shutdown()
-    for log_file in _new_logs:
-        log_file.unlink(missing_ok=True)
-    _new_logs.clear()
+    message = user_message(exc)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    if keep_log:
+        log_to_file_only(logging.ERROR, message)
+        logging.shutdown()
+        _new_logs.clear()
+    else:
+        remove_new_logs()
     raise typer.Exit(code=2)
 
 

@@ -5,6 +5,9 @@ FSC 0.143, B-factor from a Guinier fit (--autob-lowres … Nyquist) of the
 FSC-weighted average map, or --bfactor. Writes OUTPUT/postprocess.mrc,
 postprocess_masked.mrc, postprocess.star (RELION's general, fsc and guinier
 blocks), postprocess_fsc.png, postprocess_guinier.png and postprocess_run.json.
+Half maps without signal (independent noise): "no signal", exit 2, and only
+postprocess.star (rlnFinalResolution 999, RELION's "no resolution"), the plots,
+the log and run.json are written, no sharpened map.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def postprocess_command(
     verbose: VerboseOption = False,
 ) -> None:
     """``swiftalign postprocess`` (help: the module docstring)."""
+    from swiftalign.fsc import NoSignalError, require_signal
     from swiftalign.postprocess import postprocess_half_maps, write_postprocess
 
     setup_logging(verbose, quiet, Path(output) / "postprocess.log")
@@ -100,8 +104,15 @@ def postprocess_command(
                     "autob_highres_angstrom": autob_highres, "lowpass_angstrom": lowpass,
                     "seed": seed, "pixel_size_angstrom": pixel},
         found={"resolution_angstrom": result.fsc.resolution_angstrom,
+               "resolution_is_bound": result.fsc.resolution_is_bound,
+               "no_signal": result.fsc.no_signal,
                "bfactor_angstrom2": result.bfactor_angstrom2},
         timings_s={"wall": time.perf_counter() - t0}))
+    if result.fsc.no_signal:  # postprocess.star (999 Å) and the plots show why; no map
+        try:
+            require_signal(result.fsc, f"{half1} and {half2}")
+        except NoSignalError as exc:
+            fail(exc, keep_log=True)
     if not quiet:
-        console.print(f"resolution {result.fsc.resolution_angstrom:.2f} Å (FSC 0.143), "
+        console.print(f"resolution {result.fsc.resolution_text()} (FSC 0.143), "
                       f"B-factor {result.bfactor_angstrom2:.1f} Å² → {paths['map']}")

@@ -221,4 +221,8 @@ def _print_summary(result, out: Path) -> None:
                   str(h["kept"]), str(h["rejected"]),
                   f"{h['seconds']:.0f}")
     console.print(t)
-    console.print(f"final resolution {result.resolution_angstrom:.2f} Å → {out}/final")
+    from swiftalign.fsc import ResolutionEstimate
+
+    bound = bool(result.history and result.history[-1].get("resolution_is_bound"))
+    final = ResolutionEstimate(result.resolution_angstrom, is_bound=bound).text()
+    console.print(f"final resolution {final} → {out}/final")

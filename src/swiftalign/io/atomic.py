@@ -161,13 +161,19 @@ def publish_together(folder: str | Path, tag: str = "swiftalign") -> Iterator[St
 
 
 def remove_temporaries() -> list[Path]:
-    """Delete every temporary file and staging folder this process has open; return them."""
+    """Delete every temporary file and staging folder this process has open; return them.
+
+    Never raises (a read-only folder where nothing could be created is fine).
+    """
     removed = []
     for path in sorted(_LIVE):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue
         removed.append(path)
     _LIVE.clear()
     return removed
