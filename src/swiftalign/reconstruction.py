@@ -313,10 +313,9 @@ def _exact_sum(grid: torch.Tensor, exact: list[torch.Tensor], *, max_radius: flo
     half = padded // 2
     for z0 in range(0, padded, slab):
         inside, pts, _ = _slab_points(padded, grid.device, z0, slab, max_radius)
-        pts = pts.round().long()
         acc = torch.zeros((channels, pts.shape[0]), dtype=grid.dtype, device=grid.device)
         for e in exact:
-            q = pts @ e.long().T
+            q = (pts @ e.T).round_().long()  # exact: integer points, signed permutation
             flip = q[:, 2] < 0
             q = torch.where(flip[:, None], -q, q)
             ok = ((q[:, :2] >= -half) & (q[:, :2] < half)).all(-1) & (q[:, 2] <= half)
@@ -329,7 +328,7 @@ def _exact_sum(grid: torch.Tensor, exact: list[torch.Tensor], *, max_radius: flo
 
 
 def symmetrise(grid: torch.Tensor, group: np.ndarray, *, max_radius: float,
-               slab: int = 16) -> torch.Tensor:
+               slab: int = 64) -> torch.Tensor:
     """Sum an accumulator grid over a point group, by trilinear interpolation.
 
     ``out(k) = Σ_g acc(g·k)``, with the conjugate of the Friedel mate where
