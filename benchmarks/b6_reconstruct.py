@@ -148,7 +148,9 @@ def _one(star: Path, symmetry: str) -> dict:
                     str(work / "ours.json"), symmetry], check=True, env=env)
     ours_s = time.perf_counter() - t
     stages = json.loads((work / "ours.json").read_text())
-    row = {"particles": N_PARTICLES, "box_px": BOX, "symmetry": symmetry, "ours_s": ours_s,
+    with mrcfile.open(ours, header_only=True) as m:  # gemmi may choose another grid than BOX
+        box = int(m.header.nx)
+    row = {"particles": N_PARTICLES, "box_px": box, "symmetry": symmetry, "ours_s": ours_s,
            **{f"ours_{k}": v for k, v in stages.items()}}
     if shutil.which("relion_reconstruct") is not None:
         t, cpu = time.perf_counter(), _child_cpu_s()
