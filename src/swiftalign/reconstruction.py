@@ -18,7 +18,8 @@ our STAR file:
    ``tests/test_refinement.py`` checks the equality with
    ``insert_central_slices_rfft_3d_multichannel``);
 2. the data and weight accumulators are symmetrised afterwards by trilinear
-   interpolation at the symmetry-related frequencies (``BackProjector::symmetrise``),
+   interpolation at the symmetry-related frequencies (``BackProjector::symmetrise``;
+   signed-permutation operators looked up exactly, :func:`symmetrise`),
    so the cost does not grow with the particle count;
 3. weighting ``w``: ``"gridding"`` (default) is the iterative density
    compensation of Pipe & Menon (1999, eq. 14) that RELION applies without a
@@ -39,7 +40,7 @@ the sum of the two halves' (symmetrised) grids, never by inserting again.
 Measured against RELION 3.1.3 ``relion_reconstruct --ctf --sym C4`` on the same
 particles and poses (TRPV1, 48 px): FSC ≥ 0.997 below Nyquist and 0.97–0.99 at
 Nyquist, also for pure-noise particles (tests/test_refinement.py); speed and
-agreement at 160 px in ``benchmarks/b6_reconstruct.py``.
+agreement at 240 px in ``benchmarks/b6_reconstruct.py``.
 """
 from __future__ import annotations
 
