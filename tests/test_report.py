@@ -185,6 +185,12 @@ def test_refinement_writes_plots_and_timings(refine_dir):
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
     entry = json.loads((out / "it001" / "run.json").read_text())["iteration"]
     assert {"alignment", "reconstruction", "fsc_and_output"} <= set(entry["timings_s"])
+    # the finer split of each iteration's steps outside the alignment
+    t = entry["timings_s"]
+    assert {"reconstruct_insert", "reconstruct_maps", "auto_mask", "fsc", "noise",
+            "write"} <= set(t)
+    assert t["reconstruct_insert"] + t["reconstruct_maps"] <= t["reconstruction"] + 1e-6
+    assert t["auto_mask"] + t["fsc"] <= t["fsc_and_maps"] + 1e-6
 
 
 # --- the report ----------------------------------------------------------------------------

@@ -93,10 +93,16 @@ def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ``torch_fourier_shell_correlation.fourier_shell_correlation``, computed with
     one float32 FFT per map and three bincounts).
     """
-    ta = torch.fft.rfftn(torch.as_tensor(np.asarray(a, dtype=np.float32)))
-    tb = torch.fft.rfftn(torch.as_tensor(np.asarray(b, dtype=np.float32)))
-    sums = shell_sums(torch.stack([(ta * tb.conj()).real, ta.abs() ** 2, tb.abs() ** 2]),
-                      tuple(np.shape(a)))
+    return _fsc_of_spectra(_rfftn(a), _rfftn(b), tuple(np.shape(a)))
+
+
+def _rfftn(volume: np.ndarray) -> torch.Tensor:
+    return torch.fft.rfftn(torch.as_tensor(np.asarray(volume, dtype=np.float32)))
+
+
+def _fsc_of_spectra(ta: torch.Tensor, tb: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """:func:`fsc_curve` from the two maps' `(D, H, W//2+1)` rfftn spectra."""
+    sums = shell_sums(torch.stack([(ta * tb.conj()).real, ta.abs() ** 2, tb.abs() ** 2]), shape)
     denom = torch.sqrt(sums[1] * sums[2])
     fsc = torch.where(denom > 0, sums[0] / torch.where(denom > 0, denom, 1.0), 0.0)
     fsc[0] = 1.0
@@ -261,12 +267,14 @@ def auto_solvent_mask(volume: np.ndarray, pixel_size_angstrom: float, *,
     return mask.astype(np.float32)
 
 
-def _randomise_phases(volume: np.ndarray, from_shell: int, rng: np.random.Generator) -> np.ndarray:
-    spec = torch.fft.rfftn(torch.as_tensor(np.asarray(volume, dtype=np.float32)))
-    sel = torch.round(_shell_coordinate(volume.shape)) >= from_shell
+def _randomise_phases(spectrum: torch.Tensor, shape: tuple[int, ...], from_shell: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The `shape` map of an rfftn ``spectrum`` with random phases from shell ``from_shell`` on."""
+    spec = spectrum.clone()
+    sel = torch.round(_shell_coordinate(shape)) >= from_shell
     phases = torch.as_tensor(rng.uniform(0, 2 * np.pi, int(sel.sum())), dtype=torch.float32)
     spec[sel] = torch.polar(spec[sel].abs(), phases)
-    return torch.fft.irfftn(spec, s=volume.shape).numpy()
+    return torch.fft.irfftn(spec, s=shape).numpy()
 
 
 @dataclass
@@ -361,15 +369,16 @@ def gold_standard_fsc(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
     -------
     FscResult
     """
-    n = half1.shape[0]
-    unmasked = fsc_curve(half1, half2)
+    n, shape = half1.shape[0], tuple(half1.shape)
+    spectra = _rfftn(half1), _rfftn(half2)  # once: unmasked FSC and phase randomisation
+    unmasked = _fsc_of_spectra(*spectra, shape)
     masked = fsc_curve(half1 * mask, half2 * mask)
     below = np.nonzero(unmasked[1:] < 0.8)[0]
     start = int(below[0] + 1) if len(below) else len(unmasked)
     rng = np.random.default_rng(seed)
     if start < len(unmasked):
-        r1 = _randomise_phases(half1, start, rng)
-        r2 = _randomise_phases(half2, start, rng)
+        r1 = _randomise_phases(spectra[0], shape, start, rng)
+        r2 = _randomise_phases(spectra[1], shape, start, rng)
         rand = fsc_curve(r1 * mask, r2 * mask)
     else:
         rand = np.zeros_like(masked)

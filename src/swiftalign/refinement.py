@@ -586,7 +586,8 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
 
 
 def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
-                        progress: Callable[[str, int, int], None] | None
+                        progress: Callable[[str, int, int], None] | None,
+                        timings: dict[str, float] | None = None,
                         ) -> tuple[dict[ClassHalf, np.ndarray], dict[int, np.ndarray],
                                    dict[ClassHalf, np.ndarray]]:
     """Half maps and full map of every class from its kept particles, and their rows.
@@ -594,6 +595,8 @@ def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
     Each kept particle is inserted once, into its half; the full map (all kept
     particles together, RELION's final map) comes from the sum of the halves'
     accumulators (:class:`swiftalign.reconstruction.HalfMapAccumulator`).
+    Seconds spent inserting and making the maps (symmetrisation, gridding,
+    inversion) are added to ``timings`` (``reconstruct_insert``, ``reconstruct_maps``).
 
     Raises
     ------
@@ -605,7 +608,9 @@ def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
     half_maps: dict[ClassHalf, np.ndarray] = {}
     full_maps: dict[int, np.ndarray] = {}
     sel_of: dict[ClassHalf, np.ndarray] = {}
+    spent = {"reconstruct_insert": 0.0, "reconstruct_maps": 0.0}
     for c in range(setup.n_classes):
+        t_step = time.perf_counter()
         acc = HalfMapAccumulator(setup.box_size, device=resolve_device(config.device))
         for h in (1, 2):
             sel = sel_of[(c, h)] = np.nonzero(cons.keep & (setup.halves == h)
@@ -616,10 +621,15 @@ def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
             acc.insert(h, setup.images, sel, cons.euler_deg[sel], cons.shift_yx_px[sel],
                        ctf=ctf.subset(sel) if ctf is not None else None,
                        pixel_size_angstrom=setup.pixel_size_angstrom, progress=inserted)
+        t_maps = time.perf_counter()
+        spent["reconstruct_insert"] += t_maps - t_step
         half_maps[(c, 1)], half_maps[(c, 2)], full_maps[c] = acc.maps(
             symmetry_group=setup.symmetry_group, method=config.reconstruction,
             regularisation=config.regularisation)
         del acc
+        spent["reconstruct_maps"] += time.perf_counter() - t_maps
+    if timings is not None:
+        timings.update(spent)
     return half_maps, full_maps, sel_of
 
 
@@ -642,8 +652,12 @@ def _residual_noise(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
 
 
 def _class_maps(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
-                full_maps: dict[int, np.ndarray], iteration: int) -> list[ClassMaps]:
+                full_maps: dict[int, np.ndarray], iteration: int,
+                timings: dict[str, float] | None = None) -> list[ClassMaps]:
     """Per class: the map of all kept particles, the gold-standard FSC and the resolution.
+
+    Seconds spent on the automatic masks and on the FSCs (with phase
+    randomisation) are added to ``timings`` (``auto_mask``, ``fsc``).
 
     Raises
     ------
@@ -652,18 +666,25 @@ def _class_maps(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
     """
     config = setup.config
     out = []
+    spent = {"auto_mask": 0.0, "fsc": 0.0}
     for c in range(setup.n_classes):
         h1, h2 = half_maps[(c, 1)], half_maps[(c, 2)]
         # the map of all kept particles reconstructed together (RELION's final map; what
         # relion_reconstruct gives from particles.star), not the mean of the half maps
         avg = full_maps[c]
+        t_step = time.perf_counter()
         smask = setup.solvent_mask if setup.solvent_mask is not None else auto_solvent_mask(
             avg, setup.pixel_size_angstrom)
+        t_fsc = time.perf_counter()
         fsc = gold_standard_fsc(h1, h2, smask, setup.pixel_size_angstrom,
                                 threshold=config.fsc_threshold, seed=config.seed + iteration)
+        spent["auto_mask"] += t_fsc - t_step
+        spent["fsc"] += time.perf_counter() - t_fsc
         require_signal(fsc, f"iteration {iteration}, class {c + 1}")
         out.append(ClassMaps(h1, h2, avg, fsc, smask,
                              max(fsc.resolution_angstrom, setup.nyquist_angstrom)))
+    if timings is not None:
+        timings.update(spent)
     return out
 
 
@@ -743,7 +764,7 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
                      near_symmetry_group=None if near is None else near.group)
     timings["consensus"] = time.perf_counter() - t_step
     t_step = time.perf_counter()
-    half_maps, full_maps, sel_of = _reconstruct_halves(setup, cons, iteration, progress)
+    half_maps, full_maps, sel_of = _reconstruct_halves(setup, cons, iteration, progress, timings)
     timings["reconstruct"] = time.perf_counter() - t_step
     noise = state.noise
     if config.weighting != "none":
@@ -752,7 +773,7 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
         noise = _residual_noise(setup, half_maps, sel_of, cons)
         timings["noise"] = time.perf_counter() - t_step
     t_step = time.perf_counter()
-    classes = _class_maps(setup, half_maps, full_maps, iteration)
+    classes = _class_maps(setup, half_maps, full_maps, iteration, timings)
     references = _next_references(setup, classes)
     timings["fsc_and_maps"] = time.perf_counter() - t_step
     new_res = float(min(m.resolution_angstrom for m in classes))
@@ -926,7 +947,8 @@ def run_refinement(
         entry = {**result.entry, "seconds": time.perf_counter() - t_it, "timings_s": {
             "alignment": timings["align"] + timings["consensus"],
             "reconstruction": timings["reconstruct"],
-            "fsc_and_output": timings["fsc_and_maps"] + time.perf_counter() - t_out, **timings}}
+            "fsc_and_output": timings["fsc_and_maps"] + time.perf_counter() - t_out,
+            "write": time.perf_counter() - t_out, **timings}}
         state = _advance(state, result, entry)
         save_figure(refinement_summary_figure(state.history), folder.summary_path)
         if progress is not None:
