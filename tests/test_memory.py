@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,8 @@ from swiftalign.errors import InputError
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import read_particles
 from swiftalign.memory import check_free_disk, plan_align_memory, reconstruction_bytes
+
+MAP = Path(str(files("swiftalign") / "data" / "trpv1_volume.mrc"))
 
 
 @pytest.mark.parametrize("options", [{"ctf_mode": "reference"},
@@ -53,3 +58,59 @@ def test_disk_check_names_sizes(tmp_path):
     check_free_disk(tmp_path / "new" / "run", 1024, "refine")
     with pytest.raises(InputError, match=r"needs about .* GB of disk, but only .* GB is free"):
         check_free_disk(tmp_path / "run", 1 << 60, "refine")
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+
+    out = tmp_path_factory.mktemp("sim")
+    r = CliRunner().invoke(app, ["simulate", str(MAP), "-o", str(out), "-n", "60", "--symmetry",
+                                 "C4", "--snr-db", "0", "--seed", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_align_that_cannot_fit_is_refused_before_work(sim, tmp_path):
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+
+    out = tmp_path / "o.star"
+    r = CliRunner().invoke(app, ["align", str(sim / "particles.star"), "--reference", str(MAP),
+                                 "--resolution", "25", "--symmetry", "C4", "-o", str(out), "-q",
+                                 "--max-memory", "0.03"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert "map spectrum 0.01 GB" in text and "more than --max-memory 0.03 GB" in text
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_refine_that_cannot_fit_is_refused_and_leaves_nothing(sim, tmp_path):
+    from typer.testing import CliRunner
+
+    from swiftalign.cli.main import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["refine", str(sim / "particles.star"), "-r", str(MAP),
+                                 "--initial-resolution", "30", "--symmetry", "C4", "-o", str(out),
+                                 "-q", "--max-memory", "0.15"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert "refine at 20 Å (3 repetitions) needs" in text
+    assert "other galleries" in text and "more than --max-memory 0.15 GB" in text
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_box_too_large_for_the_device_says_so(monkeypatch):
+    import torch
+
+    from swiftalign.memory import check_device_memory
+
+    check_device_memory("cpu", 1 << 60, "align")  # the CPU is bounded by --max-memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 1024**3, 8 * 1024**3))
+    with pytest.raises(InputError, match=r"needs at least 3\.00 GB on cuda:0, which has 2\.00 GB "
+                                         r"free of 8\.00 GB"):
+        check_device_memory("cuda:0", 3 * 1024**3, "refine: the reconstruction of a 512-px box")

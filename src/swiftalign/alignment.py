@@ -43,7 +43,14 @@ from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.table import ParticleTable
 from swiftalign.local_search import prepare_local, refine_local
-from swiftalign.memory import AlignMemory, plan_align_memory
+from swiftalign.memory import (
+    MIN_CHUNK_PARTICLES,
+    MIN_SEARCH_BYTES,
+    AlignMemory,
+    check_device_memory,
+    per_particle_bytes,
+    plan_align_memory,
+)
 from swiftalign.noise import NoiseSpectrum, coefficient_weights
 from swiftalign.projection import VolumeSpectrum
 from swiftalign.queries import noise_spectrum_for, particle_vectors
@@ -1242,16 +1249,18 @@ def align_memory(plan: AlignmentPlan, config: AlignConfig, *,
     else:
         gallery_bytes = gallery_bytes_estimate(plan.sampling, plan.disc, config.symmetry_checked())
     n_vectors = 2 if plan.ctf is not None and plan.ctf_mode == "wiener" else 1
-    per_particle = 4 * plan.disc.dim * n_vectors
     local_res, rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)
-    if rounds:
-        local_disc = make_disc(plan.box_size, min(plan.pixel_size_angstrom / local_res, 0.5))
-        per_particle += 4 * local_disc.dim
-        if n_optics_groups > 1:  # per-particle weights of the local search
-            per_particle += 4 * local_disc.n_coeff
+    local_disc = make_disc(plan.box_size, min(plan.pixel_size_angstrom / local_res, 0.5))
     n_candidates = max(config.k, config.ctf_candidates) if plan.ctf is not None else config.k
-    per_particle += 12 * n_candidates * 3 + 48 * config.k
-    return plan_align_memory(
+    per_particle = per_particle_bytes(
+        dim=plan.disc.dim, local_dim=local_disc.dim if rounds else 0, n_vectors=n_vectors,
+        n_candidates=n_candidates, k=config.k,
+        local_weight_coeffs=local_disc.n_coeff if rounds and n_optics_groups > 1 else 0)
+    memory = plan_align_memory(
         budget_bytes=int(config.max_memory_gb * 1024**3), gallery_bytes=gallery_bytes,
         box_size=plan.box_size, per_particle_bytes=per_particle, n_particles=len(plan.rows),
         extra_resident_bytes=extra_resident_bytes, chunk_particles=chunk_particles)
+    smallest = memory.resident_bytes + MIN_CHUNK_PARTICLES * per_particle + MIN_SEARCH_BYTES
+    check_device_memory(plan.device, smallest,
+                        f"align of {plan.box_size}-px particles at {config.resolution_angstrom:g} Å")
+    return memory

@@ -19,11 +19,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from swiftalign.errors import InputError
 
-__all__ = ["AlignMemory", "MIN_CHUNK_PARTICLES", "check_free_disk", "image_batch_bytes",
-           "plan_align_memory", "reconstruction_bytes", "refine_disk_bytes",
-           "volume_spectrum_bytes"]
+__all__ = ["AlignMemory", "MIN_CHUNK_PARTICLES", "check_device_memory", "check_free_disk",
+           "check_refine_resources",
+           "image_batch_bytes", "per_particle_bytes", "plan_align_memory", "reconstruction_bytes",
+           "refine_disk_bytes", "volume_spectrum_bytes"]
 
 #: The smallest chunk of particles a job must be able to hold besides its references.
 MIN_CHUNK_PARTICLES = 64
@@ -188,3 +191,119 @@ def plan_align_memory(*, budget_bytes: int, gallery_bytes: float, box_size: int,
     chunk = int(min(max(n_particles, 1), chunk))
     search = max(MIN_SEARCH_BYTES, available - chunk * per_particle_bytes)
     return AlignMemory(int(budget_bytes), resident, int(per_particle_bytes), chunk, int(search))
+
+
+def per_particle_bytes(*, dim: int, local_dim: int, n_vectors: int, n_candidates: int, k: int,
+                       local_weight_coeffs: int = 0) -> int:
+    """Bytes held per particle of an alignment chunk.
+
+    Parameters
+    ----------
+    dim : int
+        Length of a global search vector (float32).
+    local_dim : int
+        Length of a local-search vector (0: no local stage).
+    n_vectors : int
+        Global vectors per particle (2 with Wiener correction: corrected and raw).
+    n_candidates : int
+        Candidates kept from the global search (ids int64, distances float32, copies).
+    k : int
+        Matches returned (poses, shifts, distances, scores in float64).
+    local_weight_coeffs : int
+        Per-particle local weights (several optics groups), float32.
+
+    Returns
+    -------
+    int
+    """
+    return (4 * dim * n_vectors + 4 * local_dim + 4 * local_weight_coeffs
+            + 36 * n_candidates + 48 * k)
+
+
+def check_refine_resources(setup, out_dir: Path, *, iterations: int) -> AlignMemory:
+    """Refuse a refinement that cannot fit ``--max-memory`` or the disk, before any work.
+
+    The alignment at the finest global resolution the run can reach
+    (``max(--max-resolution, Nyquist, --global-resolution)``) holds one gallery per
+    repetition; the reconstruction holds :func:`reconstruction_bytes` and the
+    references; the outputs take :func:`refine_disk_bytes`.
+
+    Parameters
+    ----------
+    setup : swiftalign.refinement.RefineSetup
+        The run's fixed inputs.
+    out_dir : Path
+        Output folder.
+    iterations : int
+        Iterations still to run.
+
+    Returns
+    -------
+    AlignMemory
+        The alignment's budget at that resolution (chunk, search workspace).
+
+    Raises
+    ------
+    InputError
+        Naming the sizes that do not fit.
+    """
+    from swiftalign.alignment import AlignConfig, gallery_bytes_estimate, plan_reference_set
+    from swiftalign.fourier import make_disc
+
+    config, box, ps = setup.config, setup.box_size, setup.pixel_size_angstrom
+    budget = int(config.max_memory_gb * GB)
+    t_align = max(config.max_resolution_angstrom, setup.nyquist_angstrom)
+    t_global = max(t_align, config.global_resolution_angstrom)
+    acfg = AlignConfig(resolution_angstrom=t_global, symmetry=setup.symmetry,
+                       max_shift_px=config.max_shift_px, ctf_mode=config.ctf_mode,
+                       weighting=config.weighting, index=config.index, metric=config.metric,
+                       max_memory_gb=config.max_memory_gb)
+    sampling, disc = plan_reference_set(acfg, ps, box)
+    gallery = gallery_bytes_estimate(sampling, disc, setup.symmetry)
+    local = make_disc(box, min(ps / t_align, 0.5))
+    n_half = int(max((setup.halves == h).sum() for h in (1, 2)))
+    n_groups = len(np.unique(setup.table.optics_group))
+    per = per_particle_bytes(dim=disc.dim, local_dim=local.dim,
+                             n_vectors=1 if setup.ctf is None else 2,
+                             n_candidates=acfg.ctf_candidates, k=1,
+                             local_weight_coeffs=local.n_coeff if n_groups > 1 else 0)
+    memory = plan_align_memory(budget_bytes=budget, gallery_bytes=gallery, box_size=box,
+                               per_particle_bytes=per, n_particles=n_half,
+                               extra_resident_bytes=int((config.repetitions - 1) * gallery),
+                               what=f"refine at {t_global:g} Å ({config.repetitions} repetitions)")
+    references = 2 * setup.n_classes * box**3 * 8
+    recon = reconstruction_bytes(box) + references + image_batch_bytes(box)
+    if recon > budget:
+        raise InputError(
+            f"refine: the reconstruction of a {box}-px box needs {_gb(recon)} (two "
+            f"(3, {2 * box}, {2 * box}, {box + 1}) float32 grids and their symmetrised copy "
+            f"{_gb(reconstruction_bytes(box))}, references {_gb(references)}), more than "
+            f"--max-memory {config.max_memory_gb:g} GB: raise --max-memory")
+    from swiftalign.alignment import resolve_device
+
+    check_device_memory(resolve_device(config.device), reconstruction_bytes(box),
+                        f"refine: the reconstruction of a {box}-px box")
+    check_free_disk(out_dir, refine_disk_bytes(box, len(setup.table), setup.n_classes,
+                                               iterations), f"refine ({iterations} iterations)")
+    return memory
+
+
+def check_device_memory(device: str, needed_bytes: int, what: str) -> None:
+    """Refuse work whose smallest footprint exceeds the free memory of a CUDA device.
+
+    Nothing to check on the CPU (``--max-memory`` bounds it).
+
+    Raises
+    ------
+    InputError
+        Naming the device, the bytes needed and the bytes free.
+    """
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    if needed_bytes > free:
+        raise InputError(f"{what} needs at least {_gb(needed_bytes)} on {device}, which has "
+                         f"{_gb(free)} free of {_gb(total)}: use a smaller box or "
+                         "--device cpu")
