@@ -81,6 +81,7 @@ def main() -> str:
                     "--symmetry", "D7", "-o", str(out)], work / f"align{n}.log")
         rows.append({"command": "align", "box": BOX, "particles": n, "wall_s": res["wall_s"],
                      "peak_rss_mb": res["peak_rss_mb"]})
+        print(rows[-1], flush=True)
         if REFINE:
             outdir = work / f"refine{n}_{BOX}"
             res = _run(["refine", str(star), "--reference", str(ref), "--initial-resolution",
@@ -88,7 +89,7 @@ def main() -> str:
                         "--overwrite"], work / f"refine{n}.log")
             rows.append({"command": "refine (1 it.)", "box": BOX, "particles": n,
                          "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"]})
-        print(rows[-1], flush=True)
+            print(rows[-1], flush=True)
     columns = [("command", "command", "s"), ("box", "box (px)", "d"),
                ("particles", "particles", "d"), ("wall_s", "wall (s)", ".1f"),
                ("peak_rss_mb", "peak RSS (MB)", ".0f")]
