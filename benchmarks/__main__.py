@@ -1,4 +1,5 @@
-"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5 b6]`` (default b1 b2 b4 b6 b5; b3 needs RELION).
+"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5 b6 b8]`` (default b1 b2 b4 b6 b5; b3 needs
+RELION; b8, peak memory against the particle count, only when named).
 
 Results go to ``benchmarks/results/*.json`` and ``*.md``.
 """
@@ -27,8 +28,10 @@ def main(argv: list[str]) -> int:
             from benchmarks.b5_realsize import main as run
         elif name == "b6":
             from benchmarks.b6_reconstruct import main as run
+        elif name == "b8":
+            from benchmarks.b8_memory import main as run
         else:
-            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6")
+            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6 b8")
             return 2
         print(f"== {name} ==")
         print(run())

@@ -9,6 +9,10 @@
 3. Sampling from the resolution (eq. 4.20–4.21) → rotated gallery.
 4. Index: exact or trained FAISS index, populated in blocks; query; re-score.
 5. Reference ids → (rot, tilt, psi, shift).
+
+Steps 2 and 4–5 (and the local refinement) run over chunks of particles whose size
+follows from ``--max-memory`` less the references (:func:`align_memory`,
+:mod:`swiftalign.memory`), so memory does not grow with the number of particles.
 """
 
 from __future__ import annotations
