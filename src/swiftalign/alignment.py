@@ -1252,7 +1252,7 @@ def align_memory(plan: AlignmentPlan, config: AlignConfig, *,
             gallery_bytes += plan.refset.index.bytes_per_pose() * g.n_poses
     else:
         gallery_bytes = gallery_bytes_estimate(plan.sampling, plan.disc, config.symmetry_checked())
-    n_vectors = 2 if plan.ctf is not None and plan.ctf_mode == "wiener" else 1
+    n_vectors = 2 if plan.ctf is not None else 1  # reference mode: raw vectors re-scored
     local_res, rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)
     local_disc = make_disc(plan.box_size, min(plan.pixel_size_angstrom / local_res, 0.5))
     n_candidates = max(config.k, config.ctf_candidates) if plan.ctf is not None else config.k

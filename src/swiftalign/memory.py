@@ -206,7 +206,8 @@ def per_particle_bytes(*, dim: int, local_dim: int, n_vectors: int, n_candidates
     n_vectors : int
         Global vectors per particle (2 with Wiener correction: corrected and raw).
     n_candidates : int
-        Candidates kept from the global search (ids int64, distances float32, copies).
+        Candidates kept from the global search (ids int64, distances float32, copies)
+        and, with a CTF (``n_vectors`` 2), regenerated as vectors for the re-scoring.
     k : int
         Matches returned (poses, shifts, distances, scores in float64).
     local_weight_coeffs : int
@@ -216,8 +217,9 @@ def per_particle_bytes(*, dim: int, local_dim: int, n_vectors: int, n_candidates
     -------
     int
     """
+    rescore = 8 * dim * n_candidates if n_vectors > 1 else 0  # candidate vectors, products
     return (4 * dim * n_vectors + 4 * local_dim + 4 * local_weight_coeffs
-            + 36 * n_candidates + 48 * k)
+            + 36 * n_candidates + 48 * k + rescore)
 
 
 def check_refine_resources(setup, out_dir: Path, *, iterations: int) -> AlignMemory:
