@@ -1,4 +1,7 @@
-"""Run the benchmarks: ``python -m benchmarks [b1 … b7]`` (default b1 b2 b4 b6 b5; b3 needs RELION).
+"""Run the benchmarks: ``python -m benchmarks [b1 … b9]``.
+
+Default b1 b2 b4 b6 b5 (b3 too when RELION is installed); b7 (consensus under a near-symmetry),
+b8 (peak memory against the particle count) and b9 (auto-local refinement) only when named.
 
 Results go to ``benchmarks/results/*.json`` and ``*.md``.
 """
@@ -29,8 +32,12 @@ def main(argv: list[str]) -> int:
             from benchmarks.b6_reconstruct import main as run
         elif name == "b7":
             from benchmarks.b7_pseudosym import main as run
+        elif name == "b8":
+            from benchmarks.b8_memory import main as run
+        elif name == "b9":
+            from benchmarks.b9_autolocal import main as run
         else:
-            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6 b7")
+            print(f"unknown benchmark {name!r}; use b1 … b9")
             return 2
         print(f"== {name} ==")
         print(run())

@@ -9,6 +9,10 @@
 3. Sampling from the resolution (eq. 4.20–4.21) → rotated gallery.
 4. Index: exact or trained FAISS index, populated in blocks; query; re-score.
 5. Reference ids → (rot, tilt, psi, shift).
+
+Steps 2 and 4–5 (and the local refinement) run over chunks of particles whose size
+follows from ``--max-memory`` less the references (:func:`align_memory`,
+:mod:`swiftalign.memory`), so memory does not grow with the number of particles.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ from swiftalign.io.mrc import MapData
 from swiftalign.io.particles import ParticleImages
 from swiftalign.io.table import ParticleTable
 from swiftalign.local_search import prepare_local, refine_local
+from swiftalign.memory import (
+    MIN_CHUNK_PARTICLES,
+    MIN_SEARCH_BYTES,
+    AlignMemory,
+    check_device_memory,
+    per_particle_bytes,
+    plan_align_memory,
+)
 from swiftalign.noise import NoiseSpectrum, coefficient_weights
 from swiftalign.projection import VolumeSpectrum
 from swiftalign.queries import noise_spectrum_for, particle_vectors
@@ -80,6 +92,10 @@ __all__ = [
     "AlignmentResult",
     "ReferenceSet",
     "align_particles",
+    "align_memory",
+    "gallery_bytes_estimate",
+    "query_noise",
+    "search_ctf_groups",
     "build_reference_set",
     "check_reference_set",
     "noise_spectrum_for",
@@ -471,6 +487,31 @@ def index_settings(config: AlignConfig) -> IndexSettings:
     )
 
 
+def gallery_bytes_estimate(sampling: Sampling, disc: Disc, symmetry: str) -> float:
+    """Bytes of the rotated gallery of ``sampling`` (directions over the asymmetric unit × psi).
+
+    Parameters
+    ----------
+    sampling : Sampling
+        Angular and psi steps (°).
+    disc : Disc
+        Coefficients kept per image (complex64; DCT galleries keep the whole rfft grid).
+    symmetry : str
+        Point group (its order divides the sphere).
+
+    Returns
+    -------
+    float
+        Estimated bytes (the directions are quasi-uniform: within a few % of the count).
+    """
+    n_dirs_est = 4 * math.pi / math.radians(sampling.angular_step_deg) ** 2 / len(
+        symmetry_matrices(symmetry))
+    box_size = disc.box_size
+    # DCT galleries keep the whole rfft grid (shifts are applied before the DCT)
+    per_image = disc.n_coeff * 8 if disc.transform == "dft" else box_size * (box_size // 2 + 1) * 8
+    return n_dirs_est * 360.0 / sampling.psi_step_deg * per_image
+
+
 def plan_reference_set(config: AlignConfig, pixel_size_angstrom: float,
                        box_size: int) -> tuple[Sampling, Disc]:
     """Sampling and disc of a reference set, after the checks that need no data.
@@ -491,11 +532,7 @@ def plan_reference_set(config: AlignConfig, pixel_size_angstrom: float,
     sampling = make_sampling(config, pixel_size_angstrom, box_size)
     disc = make_disc(box_size, sampling.disc_radius_fftfreq, transform=config.transform)
     validate_factory(config.index, disc.dim)
-    n_dirs_est = 4 * math.pi / math.radians(sampling.angular_step_deg) ** 2 / len(
-        symmetry_matrices(symmetry))
-    # DCT galleries keep the whole rfft grid (shifts are applied before the DCT)
-    per_image = disc.n_coeff * 8 if disc.transform == "dft" else box_size * (box_size // 2 + 1) * 8
-    gallery_bytes = n_dirs_est * 360.0 / sampling.psi_step_deg * per_image
+    gallery_bytes = gallery_bytes_estimate(sampling, disc, symmetry)
     if gallery_bytes > config.max_memory_gb * 1024**3:
         raise InputError(
             f"the rotated gallery needs about {gallery_bytes / 1024**3:.1f} GB at "
@@ -799,7 +836,8 @@ def particle_queries(table: ParticleTable, images: ParticleImages, plan: Alignme
                      config: AlignConfig, *, noise: NoiseSpectrum | None = None,
                      initial_shift_yx_px: np.ndarray | None = None,
                      progress: Callable[[str, int, int], None] | None = None,
-                     timings: dict[str, float] | None = None) -> ParticleQueries:
+                     timings: dict[str, float] | None = None,
+                     own_noise: bool = False) -> ParticleQueries:
     """Query stage: noise weights (estimated here if needed) and the particle vectors.
 
     Parameters
@@ -808,6 +846,9 @@ def particle_queries(table: ParticleTable, images: ParticleImages, plan: Alignme
         As for :func:`align_particles`.
     plan : AlignmentPlan
         From :func:`plan_alignment`.
+    own_noise : bool
+        ``noise`` was estimated from these particles' set (:func:`query_noise`; the
+        local stage then weights each optics group by its own spectrum).
     timings : dict, optional
         Receives the seconds of ``noise`` and ``particles``.
 
@@ -818,16 +859,10 @@ def particle_queries(table: ParticleTable, images: ParticleImages, plan: Alignme
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     weights = None
-    own_noise = False
     if config.weighting != "none":
-        if plan.refset is not None and plan.refset.noise is not None:
-            noise = plan.refset.noise
-        elif noise is None:
-            noise = noise_spectrum_for(
-                table, images, plan.rows, pixel_size_angstrom=plan.pixel_size_angstrom,
-                particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
-                device=plan.device)
-            own_noise = True
+        if noise is None or (plan.refset is not None and plan.refset.noise is not None):
+            noise, own_noise = query_noise(table, images, plan, config, noise)
+        assert noise is not None  # weighting: query_noise returns spectra
         weights = coefficient_weights(noise.pooled(), plan.disc.to(plan.device), config.weighting)
         timings["noise"] = time.perf_counter() - t0
     corrected, raw = particle_vectors(
@@ -841,9 +876,32 @@ def particle_queries(table: ParticleTable, images: ParticleImages, plan: Alignme
     return ParticleQueries(corrected, raw, noise, weights, own_noise)
 
 
+def query_noise(table: ParticleTable, images: ParticleImages, plan: AlignmentPlan,
+                config: AlignConfig, noise: NoiseSpectrum | None = None
+                ) -> tuple[NoiseSpectrum | None, bool]:
+    """Noise spectra of the weighting, and whether they were estimated from ``plan.rows``.
+
+    The reference set's spectra (index file) first, else ``noise``, else estimated
+    from the particles outside the particle mask (:func:`noise_spectrum_for`);
+    ``(noise, False)`` without weighting.
+    """
+    if config.weighting == "none":
+        return noise, False
+    if plan.refset is not None and plan.refset.noise is not None:
+        return plan.refset.noise, False
+    if noise is not None:
+        return noise, False
+    return noise_spectrum_for(
+        table, images, plan.rows, pixel_size_angstrom=plan.pixel_size_angstrom,
+        particle_diameter_angstrom=config.particle_diameter_angstrom, seed=config.seed,
+        device=plan.device), True
+
+
 def global_search(plan: AlignmentPlan, refset: ReferenceSet, queries: ParticleQueries,
                   config: AlignConfig, *, trained_index: TrainedIndex | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  groups: list[tuple[np.ndarray, torch.Tensor]] | None = None,
+                  ctf_pool: torch.Tensor | None = None) -> SearchResult:
     """Search stage: the candidates of every particle in the gallery (or prebuilt index).
 
     With a CTF the index proposes ``max(k, ctf_candidates)`` candidates that
@@ -864,6 +922,12 @@ def global_search(plan: AlignmentPlan, refset: ReferenceSet, queries: ParticleQu
         An index trained already, only populated here.
     progress : callable, optional
         ``progress(step, done, total)``.
+    groups : list of (np.ndarray, torch.Tensor), optional
+        Reference CTF mode: CTF groups already made (positions in ``plan.rows``,
+        :func:`search_ctf_groups`), e.g. over all particles for a chunk of them.
+    ctf_pool : torch.Tensor, optional
+        `(p, n_coeff)` CTFs of all the groups (index training and tuning), default
+        those of ``groups``.
 
     Returns
     -------
@@ -878,16 +942,39 @@ def global_search(plan: AlignmentPlan, refset: ReferenceSet, queries: ParticleQu
         # building the index is not part of this run
         result.timings.update({"train": 0.0, "populate": 0.0, "tune": 0.0})
         return result
-    groups = pool = None
-    if plan.ctf_mode == "reference" and plan.ctf is not None:
-        groups = ctf_groups(plan.ctf.subset(plan.rows), plan.disc,
-                            pixel_size_angstrom=plan.pixel_size_angstrom,
-                            max_phase_rad=config.ctf_group_phase_rad, device=plan.device)
-        pool = torch.stack([g[1] for g in groups])
-        log.info("reference CTF mode: %d CTF groups", len(groups))
+    pool = None
+    if groups is None:
+        groups = search_ctf_groups(plan, config)
+    if groups is not None:
+        pool = ctf_pool if ctf_pool is not None else torch.stack([g[1] for g in groups])
     return search_gallery(refset.gallery, queries.corrected, k=n_candidates, settings=settings,
                           ctf_groups=groups, ctf_disc_pool=pool, device=plan.device,
                           trained=trained_index, progress=progress)
+
+
+def search_ctf_groups(plan: AlignmentPlan, config: AlignConfig
+                      ) -> list[tuple[np.ndarray, torch.Tensor]] | None:
+    """CTF groups of ``plan.rows`` in reference CTF mode (positions in ``plan.rows``), else None."""
+    if plan.ctf_mode != "reference" or plan.ctf is None:
+        return None
+    groups = ctf_groups(plan.ctf.subset(plan.rows), plan.disc,
+                        pixel_size_angstrom=plan.pixel_size_angstrom,
+                        max_phase_rad=config.ctf_group_phase_rad, device=plan.device)
+    log.info("reference CTF mode: %d CTF groups", len(groups))
+    return groups
+
+
+def _chunk_groups(groups: list[tuple[np.ndarray, torch.Tensor]] | None, start: int,
+                  stop: int) -> list[tuple[np.ndarray, torch.Tensor]] | None:
+    """The CTF groups restricted to positions ``start:stop`` (renumbered from 0)."""
+    if groups is None:
+        return None
+    out = []
+    for pos, cdisc in groups:
+        inside = pos[(pos >= start) & (pos < stop)] - start
+        if len(inside):
+            out.append((inside, cdisc))
+    return out
 
 
 def _local_resolution_and_rounds(plan: AlignmentPlan, config: AlignConfig,
@@ -971,6 +1058,8 @@ def align_particles(
     trained_index: TrainedIndex | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     noise: NoiseSpectrum | None = None,
+    extra_resident_bytes: int = 0,
+    chunk_particles: int | None = None,
 ) -> AlignmentResult:
     """Align particles against the reference.
 
@@ -978,7 +1067,10 @@ def align_particles(
     (:func:`particle_queries`) → references (:func:`build_reference_set` unless
     given) → search (:func:`global_search`) → CTF re-scoring
     (:func:`swiftalign.ctf_groups.rescore_with_ctf`) → local refinement
-    (:func:`local_stage`).
+    (:func:`local_stage`). After the references, the particles go through the
+    query, search, re-scoring and local stages in chunks whose size follows from
+    ``--max-memory`` (:func:`align_memory`); each particle's result depends only on
+    that particle and the references, so the poses do not depend on the chunks.
 
     Parameters
     ----------
@@ -1016,6 +1108,11 @@ def align_particles(
         weights the global search and the CTF re-scoring (identically on both
         sides); the local refinement uses each particle's own group when the
         spectra come from these particles.
+    extra_resident_bytes : int
+        Memory the caller holds besides (e.g. other repetitions' galleries),
+        taken from ``config.max_memory_gb`` before the chunks are sized.
+    chunk_particles : int, optional
+        Particles per chunk (default from the memory budget).
 
     Returns
     -------
@@ -1025,22 +1122,73 @@ def align_particles(
     ------
     InputError
         See :func:`check_inputs`, :func:`check_reference_set` and
-        :func:`ctf_params_from_table`.
+        :func:`ctf_params_from_table`; references plus a small chunk of particles
+        larger than ``--max-memory`` (:func:`swiftalign.memory.plan_align_memory`).
     """
     timings: dict[str, float] = {}
     plan = plan_alignment(table, images, reference, config, rows)
-    queries = particle_queries(table, images, plan, config, noise=noise,
-                               initial_shift_yx_px=initial_shift_yx_px, progress=progress,
-                               timings=timings)
+    memory = align_memory(plan, config, local_resolution_angstrom=local_resolution_angstrom,
+                          extra_resident_bytes=extra_resident_bytes,
+                          chunk_particles=chunk_particles,
+                          n_optics_groups=len(np.unique(table.optics_group[plan.rows])))
+    t0 = time.perf_counter()
+    noise, own_noise = query_noise(table, images, plan, config, noise)
+    if noise is not None and own_noise:
+        timings["noise"] = time.perf_counter() - t0
     refset = plan.refset
     if refset is None:
         refset = build_reference_set(plan.reference, config,
                                      pixel_size_angstrom=plan.pixel_size_angstrom,
-                                     noise=queries.noise, progress=progress)
+                                     noise=noise, progress=progress)
     plan = dataclasses.replace(plan, sampling=refset.sampling)
     timings.update(refset.timings)
+    # the search works within what the references and the chunk leave of --max-memory
+    run_config = config.model_copy(update={"max_memory_gb": memory.search_bytes / 1024**3})
+    groups = search_ctf_groups(plan, config) if refset.index is None else None
+    pool = None if groups is None else torch.stack([g[1] for g in groups])
+    if trained_index is None and refset.index is None:  # trained once for every chunk
+        trained_index = train_index(refset.gallery, index_settings(run_config),
+                                    n_particles=len(plan.rows), ctf_disc_pool=pool,
+                                    device=plan.device)
+    n, step = len(plan.rows), memory.chunk_particles
+    if n > step:
+        log.info("aligning %d particles in chunks of %d (--max-memory %g GB)", n, step,
+                 config.max_memory_gb)
+    parts = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        shifts = None if initial_shift_yx_px is None else np.asarray(
+            initial_shift_yx_px)[start:stop]
+        parts.append(_align_chunk(
+            table, images, dataclasses.replace(plan, rows=plan.rows[start:stop]), refset,
+            run_config, (noise, own_noise), (_chunk_groups(groups, start, stop), pool),
+            initial_shift_yx_px=shifts, local_resolution_angstrom=local_resolution_angstrom,
+            trained_index=trained_index, progress=progress))
+    result = parts[0] if len(parts) == 1 else AlignmentResult.concatenate(parts)
+    result.timings = {**timings, **result.timings}  # the search's own train/populate win
+    return result
+
+
+def _align_chunk(table: ParticleTable, images: ParticleImages, plan: AlignmentPlan,
+                 refset: ReferenceSet, config: AlignConfig,
+                 noise: tuple[NoiseSpectrum | None, bool],
+                 groups: tuple[list | None, torch.Tensor | None], *,
+                 initial_shift_yx_px: np.ndarray | None,
+                 local_resolution_angstrom: float | None,
+                 trained_index: TrainedIndex | None,
+                 progress: Callable[[str, int, int], None] | None) -> AlignmentResult:
+    """Queries → search → CTF re-scoring → local stage for the particles ``plan.rows``.
+
+    ``noise`` is ``(spectra, estimated from these particles' set)``, ``groups``
+    the CTF groups of the chunk and the CTFs of all groups (reference CTF mode).
+    """
+    timings: dict[str, float] = {}
+    queries = particle_queries(table, images, plan, config, noise=noise[0], own_noise=noise[1],
+                               initial_shift_yx_px=initial_shift_yx_px, progress=progress,
+                               timings=timings)
+    timings.pop("noise", None)
     result = global_search(plan, refset, queries, config, trained_index=trained_index,
-                           progress=progress)
+                           progress=progress, groups=groups[0], ctf_pool=groups[1])
     timings.update(result.timings)
     ids, distances = result.ids, result.distances
     if plan.ctf is not None:
@@ -1051,7 +1199,6 @@ def align_particles(
         timings["ctf_rescore"] = time.perf_counter() - t0
     euler, shift = refset.gallery.poses(ids)
     dist = distances.astype(np.float64)
-    del refset  # frees a gallery built here (a prebuilt one stays with the caller)
     local_stage(table, images, plan, config, queries, (euler, shift, dist),
                 local_resolution_angstrom=local_resolution_angstrom,
                 initial_shift_yx_px=initial_shift_yx_px, progress=progress, timings=timings)
@@ -1062,3 +1209,62 @@ def align_particles(
                            sampling=plan.sampling, search=result,
                            pixel_size_angstrom=plan.pixel_size_angstrom, box_size=plan.box_size,
                            timings=timings, ctf_mode=plan.ctf_mode, noise=queries.noise)
+
+
+def align_memory(plan: AlignmentPlan, config: AlignConfig, *,
+                 local_resolution_angstrom: float | None = None, extra_resident_bytes: int = 0,
+                 chunk_particles: int | None = None, n_optics_groups: int = 1) -> AlignMemory:
+    """How the alignment of ``plan`` divides ``--max-memory`` (checked before any work).
+
+    Resident: the gallery (estimated from the sampling, or that of a prebuilt
+    reference set and its index), the map spectrum and an image batch; per particle
+    of a chunk: its global vectors (twice with Wiener correction), its local-search
+    vector (and weights with several optics groups) and its candidates.
+
+    Parameters
+    ----------
+    plan : AlignmentPlan
+        From :func:`plan_alignment`.
+    config : AlignConfig
+        ``max_memory_gb``, ``k``, ``ctf_candidates``, local settings.
+    local_resolution_angstrom : float, optional
+        As for :func:`align_particles`.
+    extra_resident_bytes : int
+        Held by the caller besides.
+    chunk_particles : int, optional
+        Force the chunk size.
+    n_optics_groups : int
+        Optics groups of the particles (several: per-particle local weights).
+
+    Returns
+    -------
+    AlignMemory
+
+    Raises
+    ------
+    InputError
+        When even a small chunk does not fit (sizes named).
+    """
+    if plan.refset is not None:
+        g = plan.refset.gallery
+        gallery_bytes = float(g.coeffs.numel() * g.coeffs.element_size())
+        if plan.refset.index is not None and not plan.refset.index.exact:
+            gallery_bytes += plan.refset.index.bytes_per_pose() * g.n_poses
+    else:
+        gallery_bytes = gallery_bytes_estimate(plan.sampling, plan.disc, config.symmetry_checked())
+    n_vectors = 2 if plan.ctf is not None else 1  # reference mode: raw vectors re-scored
+    local_res, rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)
+    local_disc = make_disc(plan.box_size, min(plan.pixel_size_angstrom / local_res, 0.5))
+    n_candidates = max(config.k, config.ctf_candidates) if plan.ctf is not None else config.k
+    per_particle = per_particle_bytes(
+        dim=plan.disc.dim, local_dim=local_disc.dim if rounds else 0, n_vectors=n_vectors,
+        n_candidates=n_candidates, k=config.k,
+        local_weight_coeffs=local_disc.n_coeff if rounds and n_optics_groups > 1 else 0)
+    memory = plan_align_memory(
+        budget_bytes=int(config.max_memory_gb * 1024**3), gallery_bytes=gallery_bytes,
+        box_size=plan.box_size, per_particle_bytes=per_particle, n_particles=len(plan.rows),
+        extra_resident_bytes=extra_resident_bytes, chunk_particles=chunk_particles)
+    smallest = memory.resident_bytes + MIN_CHUNK_PARTICLES * per_particle + MIN_SEARCH_BYTES
+    check_device_memory(plan.device, smallest,
+                        f"align of {plan.box_size}-px particles at {config.resolution_angstrom:g} Å")
+    return memory

@@ -265,6 +265,7 @@ def build_gallery(
     batch_size: int = 64,
     progress=None,
     coefficient_weights: torch.Tensor | None = None,
+    max_batch_bytes: int = 256 * 1024**2,
 ) -> Gallery:
     """Project, rotate in plane and cut to the disc.
 
@@ -286,11 +287,15 @@ def build_gallery(
     rng : np.random.Generator
         Seeded generator for the in-plane offsets.
     batch_size : int
-        Directions per projection batch.
+        Directions per projection batch (rotated in sub-batches within
+        ``max_batch_bytes``).
     progress : callable, optional
         Called with the number of directions done after each batch.
     coefficient_weights : torch.Tensor, optional
         `(n_coeff,)` real weights (noise whitening) applied to every reference.
+    max_batch_bytes : int
+        Working memory of one batch: its ``b · n_psi`` rotated images and their
+        intermediates (about 8 float32 copies), whatever the sampling.
 
     Returns
     -------
@@ -307,18 +312,22 @@ def build_gallery(
     n = volume.shape[-1]
     shape = (disc.n_coeff,) if disc.transform == "dft" else (n, n // 2 + 1)
     coeffs = torch.empty((n_dir * n_psi, *shape), dtype=torch.complex64, device=device)
+    # directions rotated at once: their b · n_psi images stay within max_batch_bytes
+    rotate_batch = max(1, int(max_batch_bytes // (n_psi * n * n * 4 * 8)))
     for start in range(0, n_dir, batch_size):
         stop = min(n_dir, start + batch_size)
         proj = project(volume, mats[start:stop].to(device))  # (b, N, N)
-        b = stop - start
-        rep = proj.repeat_interleave(n_psi, dim=0)
-        angles = torch.as_tensor(psi[start:stop].reshape(-1), dtype=torch.float32, device=device)
-        rotated = rotate_images(rep, angles)
-        coeffs[start * n_psi : stop * n_psi] = (
-            images_to_disc(rotated, disc) if disc.transform == "dft" else centred_rfft2(rotated)
-        )
+        for r0 in range(start, stop, rotate_batch):
+            r1 = min(stop, r0 + rotate_batch)
+            rep = proj[r0 - start : r1 - start].repeat_interleave(n_psi, dim=0)
+            angles = torch.as_tensor(psi[r0:r1].reshape(-1), dtype=torch.float32, device=device)
+            rotated = rotate_images(rep, angles)
+            coeffs[r0 * n_psi : r1 * n_psi] = (
+                images_to_disc(rotated, disc) if disc.transform == "dft"
+                else centred_rfft2(rotated))
+            del rep, rotated
         if progress is not None:
-            progress(b)
+            progress(stop - start)
     return Gallery(
         rot_tilt_deg=np.asarray(directions_rot_tilt_deg, dtype=np.float64),
         psi_deg=psi,

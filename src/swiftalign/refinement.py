@@ -77,6 +77,7 @@ from swiftalign.io.particles import ParticleImages
 from swiftalign.io.star import write_particles
 from swiftalign.io.table import ParticleTable
 from swiftalign.local_search import prepare_local, refine_local
+from swiftalign.memory import check_refine_resources
 from swiftalign.noise import NoiseSpectrum
 from swiftalign.plots import (
     angular_distribution_figure,
@@ -566,12 +567,15 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
             trained = train_index([rs.gallery for rs in refsets], index_settings(acfgs[0]),
                                   n_particles=len(rows), device=resolve_device(config.device),
                                   ctf_disc_pool=pool)
+            gallery_bytes = [rs.gallery.coeffs.numel() * rs.gallery.coeffs.element_size()
+                             for rs in refsets]
             for r, (refset, acfg) in enumerate(zip(refsets, acfgs, strict=True)):
                 res = align_particles(
                     setup.table, setup.images, refset, acfg, rows=rows,
                     initial_shift_yx_px=None if iteration == 1 else state.shift_yx_px[rows],
                     local_resolution_angstrom=t_align, trained_index=trained,
-                    progress=progress, noise=state.noise)
+                    progress=progress, noise=state.noise,
+                    extra_resident_bytes=sum(gallery_bytes) - gallery_bytes[r])  # other reps
                 for step, sec in res.timings.items():
                     timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
                 d = res.distance[:, 0]
@@ -932,6 +936,7 @@ def run_refinement(
     folder = RunFolder(out_dir)
     folder.create()
     setup = prepare_refinement(table, images, references, config)
+    check_refine_resources(setup, folder.path, iterations=config.iterations)  # before any work
     state = (resume_state(setup, folder) if resume else None) or initial_state(setup)
     for it in range(state.iteration + 1, config.iterations + 1):
         if state.stalled >= 2:

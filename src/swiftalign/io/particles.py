@@ -7,6 +7,7 @@ in batches.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +49,22 @@ def clip_hot_pixels(images: np.ndarray, *, n_sigma: float = HOT_PIXEL_SIGMA) -> 
     mad = np.where(mad > 0, mad, np.std(flat, axis=1, keepdims=True))
     np.clip(flat, med - n_sigma * mad, med + n_sigma * mad, out=flat)
     return images
+
+
+def _release_pages(data: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped stack from this process's resident set.
+
+    The images were copied out; the pages stay in the page cache, but no longer
+    count in the process's RSS, which so stays bounded whatever the stack size
+    (``MADV_DONTNEED`` on a read-only shared file mapping loses nothing).
+    """
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # closed or not madvisable: nothing to release
+        pass
 
 
 class ParticleImages:
@@ -206,6 +223,7 @@ class ParticleImages:
                 idx = self._index[indices[rows]]
                 order = np.argsort(idx)
                 out[rows[order]] = data[idx[order]]
+            _release_pages(data)
         return out
 
     def read(self, indices: np.ndarray) -> np.ndarray:
