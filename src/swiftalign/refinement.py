@@ -492,7 +492,7 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
         metric=config.metric, device=device, noise=state.noise, weighting=config.weighting,
         optics_group=setup.table.optics_group[rows],
         recentre_shift_yx_px=state.shift_yx_px[rows])
-    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 2
+    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 4
     rounds = max(1, int(math.ceil(math.log2(max(angle_range / fine, 1.0)))) + 1)
     best_d = np.full(len(rows), np.inf)
     out_e, out_s = state.euler_deg[rows].copy(), state.shift_yx_px[rows].copy()
