@@ -1,4 +1,7 @@
-"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5 b6]`` (default b1 b2 b4 b6 b5; b3 needs RELION).
+"""Run the benchmarks: ``python -m benchmarks [b1 b2 b3 b4 b5 b6 b7]``.
+
+Default b1 b2 b4 b6 b5 (b3 too when RELION is installed); b7 (auto-local refine against
+global searches only) runs only when named.
 
 Results go to ``benchmarks/results/*.json`` and ``*.md``.
 """
@@ -27,8 +30,10 @@ def main(argv: list[str]) -> int:
             from benchmarks.b5_realsize import main as run
         elif name == "b6":
             from benchmarks.b6_reconstruct import main as run
+        elif name == "b7":
+            from benchmarks.b7_autolocal import main as run
         else:
-            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6")
+            print(f"unknown benchmark {name!r}; use b1 b2 b3 b4 b5 b6 b7")
             return 2
         print(f"== {name} ==")
         print(run())

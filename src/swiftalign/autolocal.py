@@ -19,8 +19,9 @@ idea here, decided before each iteration from the history of the previous ones
 - otherwise **global**.
 
 A local iteration searches each particle around its consensus pose and shift with
-ranges from the consensus spread of the last global search
-(:func:`local_ranges`) and steps from the current resolution.
+ranges from the consensus spread of the last global search, then from how far
+the last local search moved the particles (:func:`local_ranges`), and steps from
+the current resolution.
 """
 
 from __future__ import annotations
@@ -174,10 +175,12 @@ def local_ranges(history: list[dict], *, angular_step_deg: float, shift_step_px:
                  max_angle_deg: float, max_shift_px: float) -> tuple[float, float]:
     """Angular and shift ranges of an auto-local search.
 
-    The spreads of the last global search in ``history`` (``spread_deg``,
-    ``spread_px``: :func:`spread_summary`, how far its repetitions scattered), at
-    least one step of the current resolution and at most the caps (which never go
-    below one step). Without a recorded spread: one step.
+    The spreads of the last iteration in ``history`` (``spread_deg``,
+    ``spread_px``: :func:`spread_summary` of how far a global search's repetitions
+    scattered, or of how far a local search moved the particles), at least one
+    step of the current resolution and at most the caps (which never go below one
+    step). Without a recorded spread: one step. As the particles settle the range
+    shrinks to one step, so the cost of a local iteration does not grow.
 
     Parameters
     ----------
@@ -194,10 +197,8 @@ def local_ranges(history: list[dict], *, angular_step_deg: float, shift_step_px:
     shift_range_px : float
     """
     angle, shift = angular_step_deg, shift_step_px
-    for entry in reversed(history):
-        if entry.get("search", "global") == "global" and "spread_deg" in entry:
-            angle, shift = entry["spread_deg"], entry["spread_px"]
-            break
+    if history and "spread_deg" in history[-1]:
+        angle, shift = history[-1]["spread_deg"], history[-1]["spread_px"]
     angle = min(max(float(angle), angular_step_deg), max(max_angle_deg, angular_step_deg))
     shift = min(max(float(shift), shift_step_px), max(max_shift_px, shift_step_px))
     return angle, shift

@@ -528,7 +528,14 @@ def _align_local(setup: RefineSetup, state: RefineState, t_align: float,
     return found
 
 
-def _local_converged(setup: RefineSetup, state: RefineState, cons: Consensus,
+def _local_moves(setup: RefineSetup, state: RefineState,
+                 cons: Consensus) -> tuple[np.ndarray, np.ndarray]:
+    """`(n,)` angle (°, symmetry-aware) and shift (px) each particle moved in a local search."""
+    moved = symmetric_angular_error_deg(cons.euler_deg, state.euler_deg, setup.symmetry)
+    return moved, np.linalg.norm(cons.shift_yx_px - state.shift_yx_px, axis=1)
+
+
+def _local_converged(moved_deg: np.ndarray, moved_px: np.ndarray,
                      ranges: tuple[float, float]) -> np.ndarray:
     """`(n,)` bool: the local search ended inside its first-round grid.
 
@@ -537,10 +544,8 @@ def _local_converged(setup: RefineSetup, state: RefineState, cons: Consensus,
     have gone on beyond the searched region: not converged, left out of this
     iteration's maps (it returns in the next).
     """
-    moved = symmetric_angular_error_deg(cons.euler_deg, state.euler_deg, setup.symmetry)
-    shifted = np.linalg.norm(cons.shift_yx_px - state.shift_yx_px, axis=1)
-    return (moved <= math.sqrt(3.0) * ranges[0] + 1e-6) & (
-        shifted <= math.sqrt(2.0) * ranges[1] + 1e-6)
+    return ((moved_deg <= math.sqrt(3.0) * ranges[0] + 1e-6)
+            & (moved_px <= math.sqrt(2.0) * ranges[1] + 1e-6))
 
 
 def _repetition_configs(setup: RefineSetup, iteration: int, half: int,
@@ -753,8 +758,12 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
                      symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
                      shift_tolerance_px=ds)
     if plan.search == "local":  # one search: kept when it converged inside its range
-        cons.keep &= _local_converged(setup, state, cons, ranges)
-    else:
+        moved_deg, moved_px = _local_moves(setup, state, cons)
+        cons.keep &= _local_converged(moved_deg, moved_px, ranges)
+        # the next local range: how far the particles moved (shrinks as they settle)
+        fields["spread_deg"], fields["spread_px"] = spread_summary(moved_deg, moved_px,
+                                                                   cons.keep)
+    else:  # the next local range: how far the repetitions scattered
         fields["spread_deg"], fields["spread_px"] = spread_summary(
             cons.angular_spread_deg, cons.shift_spread_px, cons.keep)
     fields["pose_change_deg"] = fields["class_change_fraction"] = None
