@@ -207,6 +207,7 @@ def test_resume_after_a_kill_between_state_and_final(refine_data):
     assert state["iteration"] == 2 and len(state["history"]) == 2
 
 
+@pytest.mark.slow  # one more iteration on the fixture's run: 200 s wall at load 12 on 2 cores
 def test_refine_switches_to_local_search_once_poses_are_stable(refine_data):
     """Issue 13 item 3: after two global iterations whose poses moved less than the angular
     step, the third searches locally (reason recorded in the history and run.json), aligns
