@@ -293,6 +293,42 @@ def test_resume_after_a_kill_between_state_and_final(refine_data):
     assert state["iteration"] == 2 and len(state["history"]) == 2
 
 
+@pytest.mark.slow  # one more iteration on the fixture's run: 200 s wall at load 12 on 2 cores
+def test_refine_switches_to_local_search_once_poses_are_stable(refine_data):
+    """Issue 13 item 3: after two global iterations whose poses moved less than the angular
+    step, the third searches locally (reason recorded in the history and run.json), aligns
+    at Nyquist (no 8 Å cap) and ends no worse than the global iteration before it."""
+    from swiftalign.evaluate import symmetric_angular_error_deg
+
+    out, star, _ = refine_data
+    full = out / "full"
+    if not (full / "state.json").exists():  # run alone (-m slow): make the two global iterations
+        assert _refine(star, out / "init30.mrc", full, "--iterations", "2").exit_code == 0
+    auto = out / "auto"
+    shutil.copytree(full, auto)
+    r = _refine(star, out / "init30.mrc", None, "--iterations", "3", "--continue", str(auto))
+    assert r.exit_code == 0, r.output
+    hist = json.loads((auto / "state.json").read_text())["history"]
+    assert [h["search"] for h in hist] == ["global", "global", "local"]
+    assert hist[0]["search_reason"] == "first iteration: no poses yet"
+    step = hist[2]["angular_step_deg"]
+    assert hist[1]["pose_change_deg"] < step
+    assert hist[2]["search_reason"] == (f"poses moved {hist[1]['pose_change_deg']:.2f}° "
+                                        f"(< step {step:.2f}°): local")
+    assert json.loads((auto / "it003" / "run.json").read_text())["iteration"]["search"] == "local"
+    assert hist[2]["alignment_resolution_angstrom"] == pytest.approx(2 * 4.88)  # Nyquist
+    assert hist[2]["local_range_deg"] >= step
+    # not worse: resolution within a shell, ≥ 90 % kept, poses at least as close to the truth
+    assert 48 * 4.88 / hist[2]["resolution_angstrom"] >= 48 * 4.88 / hist[1]["resolution_angstrom"] - 1
+    assert hist[2]["kept"] >= 0.9 * 400
+    truth = starfile.read(star, always_dict=True)["particles"]
+    columns = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+    err = [np.median(symmetric_angular_error_deg(np.load(auto / f"it00{i}" / "poses.npy"),
+                                                 truth[columns].to_numpy(), "C4"))
+           for i in (2, 3)]
+    assert err[1] <= err[0] + 0.1, err
+
+
 @pytest.mark.skipif(shutil.which("relion_reconstruct") is None, reason="RELION not installed")
 def test_relion_reconstruct_agrees_with_our_map(refine_data):
     out, star, _ = refine_data

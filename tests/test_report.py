@@ -226,14 +226,15 @@ def test_report_of_refine_outdir(refine_dir):
     h = state["history"][0]
     row = re.search(r"<tr><td>1</td>(.*?)</tr>", html).group(1)
     cells = re.findall(r"<td>(.*?)</td>", row)
-    assert cells[1] == f"{h['resolution_angstrom']:.2f}"
+    assert cells[0] == "global: first iteration: no poses yet"  # which search ran and why
+    assert cells[2] == f"{h['resolution_angstrom']:.2f}"
     total = h["kept"] + h["rejected"]
-    assert cells[3:5] == [f"{h['kept']} ({100 * h['kept'] / total:.1f} %)", str(h["rejected"])]
+    assert cells[4:6] == [f"{h['kept']} ({100 * h['kept'] / total:.1f} %)", str(h["rejected"])]
     by = h["rejected_by"]
     assert sum(by.values()) == h["rejected"] and h["kept_fraction"] == h["kept"] / total
-    assert cells[5] == f"{by['classes']} / {by['poses']} / {by['shifts']}"
+    assert cells[6] == f"{by['classes']} / {by['poses']} / {by['shifts']}"
     near = h["near_symmetry"]  # at 40 Å the C4 TRPV1 map is C8-like (CC 0.92)
-    assert cells[6] == ("none" if near is None else
+    assert cells[7] == ("none" if near is None else
                         html_escape(f"{near}; kept thanks to it: {h['kept_by_near_symmetry']}"))
     assert "initial_resolution_angstrom" in html  # parameters from run.json
 

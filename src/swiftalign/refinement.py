@@ -21,11 +21,14 @@ Each iteration, at the current resolution ``T``:
    (gold standard: half sets fixed for the whole run, never mixed above
    ``low_resolution_join_angstrom``).
 
-The global search is sampled at ``max(T, global_resolution_angstrom)``;
+Alignment uses frequencies up to ``T`` (down to Nyquist; ``max_resolution_angstrom``
+caps it when given). The global search is sampled at ``max(T, global_resolution_angstrom)``;
 the local search that follows refines to the steps of ``T`` with its full disc,
 so the cost of the global search stays bounded as ``T`` improves.
 After the first iteration the shift search is centred on each particle's
-previous shift with range ``max_shift_later_px``.
+previous shift with range ``max_shift_later_px``. Once the consensus poses stop
+moving, step 1 becomes one local search per half around each particle's pose and
+shift (:mod:`swiftalign.autolocal` decides and records why; ``auto_local``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ from swiftalign.alignment import (
     resolve_ctf_mode,
     resolve_device,
 )
+from swiftalign.autolocal import (
+    SearchPlan,
+    choose_search,
+    local_ranges,
+    pose_changes,
+    spread_summary,
+)
 from swiftalign.configs import ComputeConfig, NoiseConfig, section
 from swiftalign.consensus import (
     Consensus,
@@ -64,6 +74,7 @@ from swiftalign.conventions import shift_px_to_origin_angstrom
 from swiftalign.ctf import CtfParams
 from swiftalign.ctf_groups import reference_ctf_pool
 from swiftalign.errors import InputError
+from swiftalign.evaluate import symmetric_angular_error_deg
 from swiftalign.fsc import (
     FscResult,
     auto_solvent_mask,
@@ -112,7 +123,7 @@ class RefineConfig(NoiseConfig, ComputeConfig):
     model_config = ConfigDict(extra="forbid")
 
     initial_resolution_angstrom: float = Field(gt=0)
-    max_resolution_angstrom: float = Field(default=8.0, gt=0)
+    max_resolution_angstrom: float | None = Field(default=None, gt=0)  # None: Nyquist
     global_resolution_angstrom: float = Field(default=20.0, gt=0)
     symmetry: str = "C1"
     force_symmetry: bool = False  # refine even if a reference disagrees with the symmetry
@@ -121,6 +132,7 @@ class RefineConfig(NoiseConfig, ComputeConfig):
     iterations: int = Field(default=8, ge=1)
     fsc_threshold: float = Field(default=0.143, gt=0, lt=1)
     low_resolution_join_angstrom: float = Field(default=40.0, ge=0)
+    auto_local: bool = True  # switch to local searches once poses are stable (choose_search)
     local_passes: int = Field(default=0, ge=0)
     local_angle_deg: float = Field(default=5.0, gt=0)
     local_shift_px: float = Field(default=2.0, gt=0)
@@ -470,24 +482,26 @@ def _masked_references(setup: RefineSetup, state: RefineState) -> dict[ClassHalf
 
 
 def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np.ndarray],
-                half: int, rows: np.ndarray, t_align: float) -> tuple[np.ndarray, ...]:
-    """Local search only, around the current poses of one half.
+                half: int, rows: np.ndarray, t_align: float,
+                ranges: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """Local search only, around the current poses and shifts of one half.
 
-    ±local_angle_deg and ±local_shift_px, down to half the steps of ``t_align``
-    (thesis §7.3); every class is tried, the best distance wins.
+    ±``ranges`` (°, px), down to half the steps of ``t_align`` (thesis §7.3) on
+    the disc up to ``t_align``; every class is tried, the best distance wins.
     """
     import torch
 
     config = setup.config
     device = resolve_device(config.device)
     pixel_size = setup.pixel_size_angstrom
+    angle_range, shift_range = ranges
     local = prepare_local(
         setup.images, rows, resolution_angstrom=t_align, pixel_size_angstrom=pixel_size,
         metric=config.metric, device=device, noise=state.noise, weighting=config.weighting,
         optics_group=setup.table.optics_group[rows],
         recentre_shift_yx_px=state.shift_yx_px[rows])
-    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 2
-    rounds = max(1, int(math.ceil(math.log2(max(config.local_angle_deg / fine, 1.0)))) + 1)
+    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 4
+    rounds = max(1, int(math.ceil(math.log2(max(angle_range / fine, 1.0)))) + 1)
     best_d = np.full(len(rows), np.inf)
     out_e, out_s = state.euler_deg[rows].copy(), state.shift_yx_px[rows].copy()
     out_c = state.class_index[rows].copy()
@@ -495,8 +509,8 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
         spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, half)], device=device))
         e, s, d = refine_local(
             spectrum, local.queries, state.euler_deg[rows], np.zeros((len(rows), 2)),
-            disc=local.disc, metric=config.metric, angle_step_deg=config.local_angle_deg,
-            shift_step_px=config.local_shift_px, rounds=rounds,
+            disc=local.disc, metric=config.metric, angle_step_deg=angle_range,
+            shift_step_px=shift_range, rounds=rounds,
             ctf=setup.ctf.subset(rows) if setup.ctf is not None else None,
             pixel_size_angstrom=pixel_size, coefficient_weights=local.weights,
         )
@@ -508,17 +522,38 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
     return out_e, out_s, out_c
 
 
-def _align_local(setup: RefineSetup, state: RefineState, t_align: float) -> _Assignments:
+def _align_local(setup: RefineSetup, state: RefineState, t_align: float,
+                 ranges: tuple[float, float]) -> _Assignments:
     """A local pass: one deterministic search per half stands for every repetition."""
     found = _Assignments.empty(len(setup.table), setup.config.repetitions)
     refs = _masked_references(setup, state)
     for h in (1, 2):
         rows = np.nonzero(setup.halves == h)[0]
-        e, sft, cl = _local_pass(setup, state, refs, h, rows, t_align)
+        e, sft, cl = _local_pass(setup, state, refs, h, rows, t_align, ranges)
         found.euler_deg[rows] = e[:, None]
         found.shift_yx_px[rows] = sft[:, None]
         found.class_index[rows] = cl[:, None]
     return found
+
+
+def _local_moves(setup: RefineSetup, state: RefineState,
+                 cons: Consensus) -> tuple[np.ndarray, np.ndarray]:
+    """`(n,)` angle (°, symmetry-aware) and shift (px) each particle moved in a local search."""
+    moved = symmetric_angular_error_deg(cons.euler_deg, state.euler_deg, setup.symmetry)
+    return moved, np.linalg.norm(cons.shift_yx_px - state.shift_yx_px, axis=1)
+
+
+def _local_converged(moved_deg: np.ndarray, moved_px: np.ndarray,
+                     ranges: tuple[float, float]) -> np.ndarray:
+    """`(n,)` bool: the local search ended inside its first-round grid.
+
+    A particle whose pose moved more than √3 × the angular range (the corner of
+    the 3×3×3 grid) or whose shift moved more than √2 × the shift range would
+    have gone on beyond the searched region: not converged, left out of this
+    iteration's maps (it returns in the next).
+    """
+    return ((moved_deg <= math.sqrt(3.0) * ranges[0] + 1e-6)
+            & (moved_px <= math.sqrt(2.0) * ranges[1] + 1e-6))
 
 
 def _repetition_configs(setup: RefineSetup, iteration: int, half: int,
@@ -721,11 +756,75 @@ def _class_stats(classes: list[ClassMaps], cons: Consensus) -> list[dict]:
     } for c, m in enumerate(classes)]
 
 
+def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: float,
+            t_global: float, progress: Callable[[str, int, int], None] | None,
+            timings: dict[str, float]) -> tuple[Consensus, dict]:
+    """Plan, run and combine this iteration's search (:mod:`swiftalign.autolocal`).
+
+    Returns the consensus and the history fields of the search: ``search``,
+    ``search_reason``, the local ranges (local) or the consensus spreads (global),
+    and the changes against the previous iteration's poses and classes.
+    """
+    config, pixel_size = setup.config, setup.pixel_size_angstrom
+    dphi = angular_step_deg(t_align, pixel_size, setup.box_size)
+    ds = shift_step_px(t_align, pixel_size)
+    plan: SearchPlan = choose_search(
+        state.history, iteration=iteration, iterations=config.iterations,
+        local_passes=config.local_passes, auto_local=config.auto_local, angular_step_deg=dphi,
+        box_angstrom=setup.box_size * pixel_size)
+    fields: dict = {"search": plan.search, "search_reason": plan.reason}
+    t_step = time.perf_counter()
+    if plan.search == "local":
+        if iteration > config.iterations - config.local_passes:
+            ranges = (config.local_angle_deg, config.local_shift_px)
+        else:
+            ranges = local_ranges(state.history, angular_step_deg=dphi, shift_step_px=ds,
+                                  max_angle_deg=config.local_angle_deg,
+                                  max_shift_px=config.local_shift_px)
+        fields["local_range_deg"], fields["local_range_px"] = ranges
+        found = _align_local(setup, state, t_align, ranges)
+    else:
+        found = _align_global(setup, state, iteration, t_align, t_global, progress, timings)
+    timings["align"] = time.perf_counter() - t_step
+    t_step = time.perf_counter()
+    # repetitions that agree up to a near-symmetry of the references are kept (global only)
+    near = None if plan.search == "local" or not config.near_symmetry else \
+        near_symmetry_of_references(state.references, setup.symmetry_group,
+                                    pixel_size_angstrom=pixel_size, resolution_angstrom=t_global)
+    fields["near_symmetry"] = None if near is None else near.describe()
+    cons = consensus(found.euler_deg, found.shift_yx_px, found.class_index,
+                     symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
+                     shift_tolerance_px=ds, distance=found.distance,
+                     near_symmetry_group=None if near is None else near.group)
+    if plan.search == "local":  # one search: kept when it converged inside its range
+        moved_deg, moved_px = _local_moves(setup, state, cons)
+        cons.keep &= _local_converged(moved_deg, moved_px, ranges)
+        # the next local range: how far the particles moved (shrinks as they settle)
+        fields["spread_deg"], fields["spread_px"] = spread_summary(moved_deg, moved_px,
+                                                                   cons.keep)
+    else:  # the next local range: how far the repetitions scattered
+        fields["spread_deg"], fields["spread_px"] = spread_summary(
+            cons.angular_spread_deg, cons.shift_spread_px, cons.keep)
+    fields["pose_change_deg"] = fields["class_change_fraction"] = None
+    if iteration > 1:
+        fields["pose_change_deg"], fields["class_change_fraction"] = pose_changes(
+            cons.euler_deg, state.euler_deg, cons.class_index, state.class_index, cons.keep,
+            setup.symmetry)
+    timings["consensus"] = time.perf_counter() - t_step
+    return cons, fields
+
+
+def alignment_resolution(setup: RefineSetup, resolution_angstrom: float) -> float:
+    """Resolution (Å) the alignment uses: the current one, the user cap, at least Nyquist."""
+    cap = setup.config.max_resolution_angstrom
+    return max(resolution_angstrom, cap or 0.0, setup.nyquist_angstrom)
+
+
 def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
                      progress: Callable[[str, int, int], None] | None = None) -> IterationResult:
-    """One iteration: align → consensus → reconstruct → noise → FSC → next references.
+    """One iteration: search → consensus → reconstruct → noise → FSC → next references.
 
-    Touches no files.
+    Touches no files. The search is global or local (:mod:`swiftalign.autolocal`).
 
     Parameters
     ----------
@@ -748,25 +847,10 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
         A class half keeps fewer than 2 particles.
     """
     config, pixel_size = setup.config, setup.pixel_size_angstrom
-    t_align = max(state.resolution_angstrom, config.max_resolution_angstrom, setup.nyquist_angstrom)
+    t_align = alignment_resolution(setup, state.resolution_angstrom)
     t_global = max(t_align, config.global_resolution_angstrom)
-    dphi = angular_step_deg(t_align, pixel_size, setup.box_size)
-    ds = shift_step_px(t_align, pixel_size)
-    local_pass = iteration > config.iterations - config.local_passes and iteration > 1
     timings: dict[str, float] = {}
-    t_step = time.perf_counter()
-    found = (_align_local(setup, state, t_align) if local_pass else
-             _align_global(setup, state, iteration, t_align, t_global, progress, timings))
-    timings["align"] = time.perf_counter() - t_step
-    t_step = time.perf_counter()
-    near = None if local_pass or not config.near_symmetry else near_symmetry_of_references(
-        state.references, setup.symmetry_group, pixel_size_angstrom=pixel_size,
-        resolution_angstrom=t_global)
-    cons = consensus(found.euler_deg, found.shift_yx_px, found.class_index,
-                     symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
-                     shift_tolerance_px=ds, distance=found.distance,
-                     near_symmetry_group=None if near is None else near.group)
-    timings["consensus"] = time.perf_counter() - t_step
+    cons, search = _search(setup, state, iteration, t_align, t_global, progress, timings)
     t_step = time.perf_counter()
     half_maps, full_maps, sel_of = _reconstruct_halves(setup, cons, iteration, progress, timings)
     timings["reconstruct"] = time.perf_counter() - t_step
@@ -785,13 +869,14 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
     class_stats = _class_stats(classes, cons)
     entry = {
         "iteration": iteration, "alignment_resolution_angstrom": t_align,
-        "global_resolution_angstrom": t_global, "angular_step_deg": dphi, "shift_step_px": ds,
+        "global_resolution_angstrom": t_global,
+        "angular_step_deg": angular_step_deg(t_align, pixel_size, setup.box_size),
+        "shift_step_px": shift_step_px(t_align, pixel_size),
         "resolution_angstrom": new_res, "kept": int(cons.keep.sum()),
-        "rejected": int((~cons.keep).sum()), **consensus_summary(cons),
-        "near_symmetry": None if near is None else near.describe(), "classes": class_stats,
+        "rejected": int((~cons.keep).sum()), **consensus_summary(cons), "classes": class_stats,
         "resolution_is_bound": any(c["resolution_is_bound"] for c in class_stats),
         "stalled": bool(shells / new_res - shells / state.resolution_angstrom < 1.0),
-        "local_pass": bool(local_pass), "timings_s": timings,
+        **search, "timings_s": timings,
     }
     return IterationResult(iteration, cons, classes, references, noise, entry)
 

@@ -195,9 +195,9 @@ def _near_text(h: dict) -> str:
 
 
 def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["iteration", "align at (Å)", "resolution FSC 0.143 (Å)", "resolution FSC 0.5 (Å)",
-              "kept", "rejected", "rejected: classes / poses / shifts", "near-symmetry",
-              "class populations (particles, Å)", "time (s)",
+    header = ["iteration", "search", "align at (Å)", "resolution FSC 0.143 (Å)",
+              "resolution FSC 0.5 (Å)", "kept", "rejected", "rejected: classes / poses / shifts",
+              "near-symmetry", "class populations (particles, Å)", "time (s)",
               "alignment (s)", "reconstruction (s)"]
     rows = []
     for h in history:
@@ -206,9 +206,12 @@ def _iteration_rows(history: list[dict]) -> tuple[list[str], list[list[str]]]:
         pops = "; ".join(f"{c['class']}: {c['particles']} ({c['resolution_angstrom']:.2f})"
                          for c in classes)
         t = h.get("timings_s", {})
-        mode = " (local)" if h.get("local_pass") else ""
+        # runs before auto-local recorded only local_pass
+        search = h.get("search", "local" if h.get("local_pass") else "global")
+        reason = h.get("search_reason")
         rows.append([
-            f"{h['iteration']}{mode}", _num(h.get("alignment_resolution_angstrom")),
+            str(h["iteration"]), f"{search}: {reason}" if reason else search,
+            _num(h.get("alignment_resolution_angstrom")),
             ("≤ " if h.get("resolution_is_bound") else "") + _num(h["resolution_angstrom"]),
             _num(res05),
             _kept_text(h), str(h["rejected"]), _reasons_text(h), _near_text(h), pops,

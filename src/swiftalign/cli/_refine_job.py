@@ -38,6 +38,9 @@ MAY_CHANGE = ("iterations", "device", "max_memory")
 #: Options that are about this invocation, not the run (never saved, never compared).
 _INVOCATION = ("continue_dir", "quiet", "verbose", "overwrite", "output")
 _PATHS = ("particles", "mask", "solvent_mask")
+#: Options added after runs were saved without them: the value that resumes such a run as it
+#: was made (no automatic local searches before ``--auto-local`` existed).
+_ADDED_LATER = {"auto_local": False}
 _REQUIRED = (("PARTICLES", "particles"), ("--reference", "reference"),
              ("--initial-resolution", "initial_resolution"))
 
@@ -112,6 +115,9 @@ def resolve_refine_params(ctx: typer.Context) -> dict:
         if name in p and name not in _INVOCATION and not (name in MAY_CHANGE
                                                           and _given(ctx, name)):
             merged[name] = _restored_value(name, value)
+    for name, value in _ADDED_LATER.items():
+        if name not in saved:
+            merged[name] = value
     return merged
 
 

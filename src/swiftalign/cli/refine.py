@@ -77,8 +77,9 @@ def refine_command(
         "Fourier shell).")] = 8,
     repetitions: Annotated[int, typer.Option(
         help="Alignments per particle per iteration (differently perturbed galleries).")] = 3,
-    max_resolution: Annotated[float, typer.Option(
-        help="Finest resolution (Å) used for alignment.")] = 8.0,
+    max_resolution: Annotated[float | None, typer.Option(
+        help="Finest resolution (Å) used for alignment (default: none, alignment follows "
+        "the current FSC resolution down to Nyquist).")] = None,
     global_resolution: Annotated[float, typer.Option(
         help="Finest resolution (Å) at which the global search is sampled; the local search "
         "refines below it.")] = 20.0,
@@ -87,12 +88,19 @@ def refine_command(
     low_resolution_join: Annotated[float, typer.Option(
         help="Average the half maps below this resolution (Å) for the next references "
         "(0: never).")] = 40.0,
+    auto_local: Annotated[bool, typer.Option(
+        "--auto-local/--no-auto-local", help="Search only locally around each particle's "
+        "pose once the global search stops moving the poses (median change below the angular "
+        "step); back to global when the resolution falls by a shell or > 5 % of the "
+        "particles change class.")] = True,
     local_passes: Annotated[int, typer.Option(
         help="Final iterations that only search locally around the current poses.")] = 0,
     local_angle: Annotated[float, typer.Option(
-        help="Angular range (°) of the --local-passes search.")] = 5.0,
+        help="Angular range (°) of the --local-passes search; the cap of the auto-local "
+        "range.")] = 5.0,
     local_shift: Annotated[float, typer.Option(
-        help="Shift range (px) of the --local-passes search.")] = 2.0,
+        help="Shift range (px) of the --local-passes search; the cap of the auto-local "
+        "range.")] = 2.0,
     max_shift: Annotated[float, typer.Option(help="Shift range in the first iteration (px).")]
     = DEFAULT_MAX_SHIFT_PX,
     max_shift_later: Annotated[float, typer.Option(
@@ -162,6 +170,7 @@ def _run(p: dict) -> tuple:
             repetitions=p["repetitions"], iterations=p["iterations"],
             fsc_threshold=p["fsc_threshold"],
             low_resolution_join_angstrom=p["low_resolution_join"],
+            auto_local=p["auto_local"],
             local_passes=p["local_passes"], local_angle_deg=p["local_angle"],
             local_shift_px=p["local_shift"], max_shift_px=p["max_shift"],
             max_shift_later_px=p["max_shift_later"], ctf_mode=p["ctf_mode"],
@@ -213,13 +222,16 @@ def _print_summary(result, out: Path) -> None:
     from rich.table import Table
 
     t = Table(title="refinement")
-    for col in ("iteration", "align at (Å)", "resolution (Å)", "kept", "rejected", "time (s)"):
+    for col in ("iteration", "search", "align at (Å)", "resolution (Å)", "kept", "rejected",
+                "time (s)"):
         t.add_column(col, justify="right")
+    t.add_column("why", justify="left")
     for h in result.history:
-        t.add_row(str(h["iteration"]), f"{h['alignment_resolution_angstrom']:.2f}",
+        t.add_row(str(h["iteration"]), h.get("search", "global"),
+                  f"{h['alignment_resolution_angstrom']:.2f}",
                   f"{'≤ ' if h.get('resolution_is_bound') else ''}{h['resolution_angstrom']:.2f}",
                   str(h["kept"]), str(h["rejected"]),
-                  f"{h['seconds']:.0f}")
+                  f"{h['seconds']:.0f}", h.get("search_reason", ""))
     console.print(t)
     from swiftalign.fsc import ResolutionEstimate
 
