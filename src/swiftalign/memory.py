@@ -254,7 +254,7 @@ def check_refine_resources(setup, out_dir: Path, *, iterations: int) -> AlignMem
 
     config, box, ps = setup.config, setup.box_size, setup.pixel_size_angstrom
     budget = int(config.max_memory_gb * GB)
-    t_align = max(config.max_resolution_angstrom, setup.nyquist_angstrom)
+    t_align = max(config.max_resolution_angstrom or 0.0, setup.nyquist_angstrom)  # finest reached
     t_global = max(t_align, config.global_resolution_angstrom)
     acfg = AlignConfig(resolution_angstrom=t_global, symmetry=setup.symmetry,
                        max_shift_px=config.max_shift_px, ctf_mode=config.ctf_mode,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 from pathlib import Path
 
 import typer
@@ -105,6 +106,10 @@ def guarded(command):
 
         # a log file on a full disk must not print logging's own tracebacks
         logging.raiseExceptions = False
+        # the command's handlers and level are its own: restored when it ends (a command run
+        # in-process, from a notebook or a test, leaves the caller's logging as it was)
+        root = logging.getLogger()
+        saved_handlers, saved_level = root.handlers[:], root.level
         # console messages before the command opens its log (e.g. a stale lock taken
         # over) follow -q/-v too; the command adds its log file
         setup_logging(bool(kwargs.get("verbose")), bool(kwargs.get("quiet")))
@@ -113,6 +118,7 @@ def guarded(command):
             note_new_folders(output)
             describe_job(f"{_command_name(command)} → {output}")
         failed = True
+        sigint = _SigintWatch()
         try:
             result = command(*args, **kwargs)
             failed = False
@@ -124,8 +130,66 @@ def guarded(command):
             _interrupted()
             raise typer.Exit(code=EXIT_INTERRUPTED) from None
         except OSError as exc:
+            if sigint.received:
+                _interrupted()
+                raise typer.Exit(code=EXIT_INTERRUPTED) from None
             fail(exc)
+        except Exception:
+            # a library that wraps the KeyboardInterrupt in its own error (pydantic while
+            # building a model) is still an interruption
+            if sigint.received:
+                _interrupted()
+                raise typer.Exit(code=EXIT_INTERRUPTED) from None
+            raise
         finally:
+            sigint.restore()
             _finish(failed)
+            _restore_logging(saved_handlers, saved_level)
 
     return run
+
+
+class _SigintWatch:
+    """Note that SIGINT arrived (then raise KeyboardInterrupt as Python does).
+
+    Installed only over Python's default handler: a command started with SIGINT
+    ignored (a background job) keeps ignoring it; outside the main thread nothing
+    is installed.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+        try:
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        """Put back the handler found at the start."""
+        if self._previous is not None:
+            try:
+                signal.signal(signal.SIGINT, self._previous)
+            except ValueError:
+                pass
+
+
+def _restore_logging(handlers: list[logging.Handler], level: int) -> None:
+    """Close the handlers a command added to the root logger; put back the caller's."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            try:
+                handler.close()
+            except OSError:
+                pass
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
