@@ -20,6 +20,7 @@ import typer
 from swiftalign.cli._common import (
     USER_ERRORS,
     DeviceOption,
+    MapAngpixOption,
     QuietOption,
     VerboseOption,
     console,
@@ -70,8 +71,7 @@ def local_resolution_command(
         help="Randomise phases beyond this resolution (Å).")] = 25.0,
     min_resolution: Annotated[float, typer.Option(
         help="Coarsest local resolution reported (Å).")] = 50.0,
-    angpix: Annotated[float | None, typer.Option(
-        help="Voxel size (Å), overriding the headers.")] = None,
+    angpix: MapAngpixOption = None,
     device: DeviceOption = "cpu",
     max_memory: Annotated[float, typer.Option(help="Memory (GB) for one batch of windows.")] = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the phase randomisation.")] = 0,

@@ -20,6 +20,7 @@ import typer
 
 from swiftalign.cli._common import (
     USER_ERRORS,
+    MapAngpixOption,
     QuietOption,
     VerboseOption,
     console,
@@ -72,8 +73,7 @@ def postprocess_command(
     lowpass: Annotated[float, typer.Option(
         help="Low-pass the sharpened map (Å): 0 none (FSC weighting only, as RELION), "
         "negative: at the FSC 0.143 resolution.")] = 0.0,
-    angpix: Annotated[float | None, typer.Option(
-        help="Voxel size (Å), overriding the headers.")] = None,
+    angpix: MapAngpixOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the phase randomisation.")] = 0,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,

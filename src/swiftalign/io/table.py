@@ -101,10 +101,10 @@ class ParticleTable:
             return None
         if "rlnOpticsGroup" not in optics:
             return np.full(len(self), float(optics[label].iloc[0]))
-        values = dict(zip(optics["rlnOpticsGroup"].astype(int).tolist(),
-                          optics[label].astype(float).tolist(), strict=True))
-        return np.array([values.get(g, np.nan) for g in self.optics_group.tolist()],
-                        dtype=np.float64)
+        by_group = pd.Series(optics[label].to_numpy(np.float64),
+                             index=optics["rlnOpticsGroup"].astype(int).to_numpy())
+        by_group = by_group[~by_group.index.duplicated(keep="last")]
+        return by_group.reindex(self.optics_group).to_numpy(np.float64)
 
     def image_names(self) -> list[str]:
         """The ``rlnImageName`` entries."""
