@@ -999,7 +999,8 @@ def local_stage(table: ParticleTable, images: ParticleImages, plan: AlignmentPla
                 local_resolution_angstrom: float | None = None,
                 initial_shift_yx_px: np.ndarray | None = None,
                 progress: Callable[[str, int, int], None] | None = None,
-                timings: dict[str, float] | None = None) -> None:
+                timings: dict[str, float] | None = None,
+                spectrum: VolumeSpectrum | None = None) -> None:
     """Local stage: refine the best match of every particle in place (:func:`refine_local`).
 
     Parameters
@@ -1015,6 +1016,9 @@ def local_stage(table: ParticleTable, images: ParticleImages, plan: AlignmentPla
         match (``[:, 0]``) is replaced.
     timings : dict, optional
         Receives the seconds of ``local``.
+    spectrum : VolumeSpectrum, optional
+        The reference's spectrum (``plan.reference`` on ``plan.device``), made once
+        for all chunks by :func:`align_particles`; made here when None.
     """
     local_res, rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)
     if rounds == 0:
@@ -1031,8 +1035,10 @@ def local_stage(table: ParticleTable, images: ParticleImages, plan: AlignmentPla
         noise=noise, weighting=config.weighting, optics_group=table.optics_group[plan.rows],
         recentre_shift_yx_px=initial_shift_yx_px,
         reusable_queries=queries.raw if same_disc else None)
+    if spectrum is None:
+        spectrum = VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device))
     e1, s1, d1 = refine_local(
-        VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device)),
+        spectrum,
         local.queries, euler[:, 0], shift[:, 0], disc=local.disc, metric=config.metric,
         angle_step_deg=plan.sampling.angular_step_deg / 2.0,
         shift_step_px=plan.sampling.shift_step_px / 2.0, rounds=rounds,
@@ -1150,6 +1156,9 @@ def align_particles(
         trained_index = train_index(refset.gallery, index_settings(run_config),
                                     n_particles=len(plan.rows), ctf_disc_pool=pool,
                                     device=plan.device)
+    spectrum = None  # the local stage's reference spectrum, made once for every chunk
+    if _local_resolution_and_rounds(plan, config, local_resolution_angstrom)[1] > 0:
+        spectrum = VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device))
     n, step = len(plan.rows), memory.chunk_particles
     if n > step:
         log.info("aligning %d particles in chunks of %d (--max-memory %g GB)", n, step,
@@ -1163,7 +1172,7 @@ def align_particles(
             table, images, dataclasses.replace(plan, rows=plan.rows[start:stop]), refset,
             run_config, (noise, own_noise), (_chunk_groups(groups, start, stop), pool),
             initial_shift_yx_px=shifts, local_resolution_angstrom=local_resolution_angstrom,
-            trained_index=trained_index, progress=progress))
+            trained_index=trained_index, progress=progress, spectrum=spectrum))
     result = parts[0] if len(parts) == 1 else AlignmentResult.concatenate(parts)
     result.timings = {**timings, **result.timings}  # the search's own train/populate win
     return result
@@ -1176,7 +1185,8 @@ def _align_chunk(table: ParticleTable, images: ParticleImages, plan: AlignmentPl
                  initial_shift_yx_px: np.ndarray | None,
                  local_resolution_angstrom: float | None,
                  trained_index: TrainedIndex | None,
-                 progress: Callable[[str, int, int], None] | None) -> AlignmentResult:
+                 progress: Callable[[str, int, int], None] | None,
+                 spectrum: VolumeSpectrum | None = None) -> AlignmentResult:
     """Queries → search → CTF re-scoring → local stage for the particles ``plan.rows``.
 
     ``noise`` is ``(spectra, estimated from these particles' set)``, ``groups``
@@ -1201,7 +1211,8 @@ def _align_chunk(table: ParticleTable, images: ParticleImages, plan: AlignmentPl
     dist = distances.astype(np.float64)
     local_stage(table, images, plan, config, queries, (euler, shift, dist),
                 local_resolution_angstrom=local_resolution_angstrom,
-                initial_shift_yx_px=initial_shift_yx_px, progress=progress, timings=timings)
+                initial_shift_yx_px=initial_shift_yx_px, progress=progress, timings=timings,
+                spectrum=spectrum)
     if initial_shift_yx_px is not None:
         shift = shift + np.asarray(initial_shift_yx_px)[:, None, :]
     score = 1.0 - dist / 2.0 if config.metric in ("cosine", "pearson") else -dist
