@@ -216,6 +216,22 @@ def run_record(*, device: str | None = None, **fields) -> dict:
     }
 
 
+def write_run_json(path: str | Path, *, started: float, **fields) -> None:
+    """Write a command's ``run.json``: :func:`run_record` of ``fields`` plus its wall time.
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination (written atomically).
+    started : float
+        ``time.perf_counter()`` when the command began; ``timings_s["wall"]`` is the time since.
+    **fields
+        Parameters, inputs, outputs, findings … as for :func:`run_record`.
+    """
+    write_json(Path(path), run_record(**fields,
+                                      timings_s={"wall": time.perf_counter() - started}))
+
+
 _new_logs: list[Path] = []
 _new_folders: list[Path] = []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from swiftalign.jobs import (
     load_job,
     save_job,
 )
+from swiftalign.run_folder import RunFolder
 
 __all__ = ["resolve_refine_params", "prepare_folder", "save_or_check_job", "discard_failed_run"]
 
@@ -121,16 +121,6 @@ def resolve_refine_params(ctx: typer.Context) -> dict:
     return merged
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files and staging folders a killed run left in ``out`` and ``out/it*``."""
-    for pattern in (".*.tmp", ".*.staging", "it[0-9][0-9][0-9]/.*.tmp"):
-        for tmp in out.glob(pattern):
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif tmp.name != ".final.tmp":  # repaired by the refinement itself
-                tmp.unlink(missing_ok=True)
-
-
 def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """Lock ``out`` and apply the new/continue/overwrite rules.
 
@@ -148,7 +138,7 @@ def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out}: is a file; give a folder")
-    if resume and not (out / "state.json").exists():
+    if resume and not RunFolder(out).state_path.exists():
         started = any((out / n).exists() for n in ("run.log", "it001", "job.json"))
         if not started:
             raise InputError(f"--continue {out}: no completed iteration to resume there (no "
@@ -160,8 +150,8 @@ def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> bool:
         if removed:
             log.warning("--overwrite: removed %s from %s", ", ".join(removed), out)
     if resume:
-        _remove_stale_temporaries(out)
-    return resume and not (out / "state.json").exists()
+        RunFolder(out).remove_stale_temporaries()
+    return resume and not RunFolder(out).state_path.exists()
 
 
 def save_or_check_job(out: Path, p: dict, stack_paths: list[Path], *, resume: bool) -> None:
@@ -189,6 +179,6 @@ def discard_failed_run(out: Path) -> None:
 
     Its outputs (the saved job, temporaries, log) are removed: nothing is left.
     """
-    if (out / "state.json").exists() or not out.is_dir():
+    if RunFolder(out).state_path.exists() or not out.is_dir():
         return
     clear_refine_outputs(out)

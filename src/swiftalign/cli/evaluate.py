@@ -20,9 +20,9 @@ from swiftalign.cli._common import (
     QuietOption,
     VerboseOption,
     fail,
-    run_record,
     setup_logging,
     write_json,
+    write_run_json,
 )
 
 
@@ -91,8 +91,8 @@ def evaluate_command(
     if outputs:
         run_json = (Path(output_dir) / f"{stem}_evaluate_run.json" if output_dir is not None
                     else Path(json_out).with_name(Path(json_out).stem + "_run.json"))
-        write_json(run_json, run_record(
+        write_run_json(run_json, started=t0,
             command="evaluate", parameters={"symmetry": symmetry, "angular_step_deg": angular_step,
                                             "angpix": angpix},
             inputs={"aligned": str(aligned), "truth": str(truth)}, outputs=outputs,
-            summary=summary, timings_s={"wall": time.perf_counter() - t0}))
+            summary=summary)

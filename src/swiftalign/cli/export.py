@@ -23,9 +23,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 _SUFFIXES = {"cryosparc": ".cs", "bild": ".bild"}
@@ -73,10 +72,10 @@ def export_command(
             write_bild(output, table, bin_deg=bin_size)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(output.with_name(output.stem + "_run.json"), run_record(
+    write_run_json(output.with_name(output.stem + "_run.json"), started=t0,
         command="export", parameters={"to": to, "bin_deg": bin_size, "angpix": angpix,
                                      "absolute_paths": absolute_paths, "sign": sign},
         inputs={"particles": str(particles)}, outputs={to: str(output.resolve())},
-        n_particles=len(table), timings_s={"wall": time.perf_counter() - t0}))
+        n_particles=len(table))
     if not quiet:
         console.print(f"exported {len(table)} particles ({to}) → {output}")

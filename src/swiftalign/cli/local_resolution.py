@@ -25,9 +25,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 
@@ -100,7 +99,7 @@ def local_resolution_command(
         fail(exc)
     median = float(np.median(result.window_resolution_angstrom))
     n_windows = len(result.window_resolution_angstrom)
-    write_json(Path(output) / "local_resolution_run.json", run_record(
+    write_run_json(Path(output) / "local_resolution_run.json", started=t0,
         command="local-resolution", device=device,
         inputs={"half1": str(half1), "half2": str(half2), "mask": str(mask)},
         outputs={k: str(v) for k, v in paths.items()},
@@ -108,8 +107,7 @@ def local_resolution_command(
                     "min_resolution_angstrom": min_resolution, "seed": seed,
                     "pixel_size_angstrom": pixel, "window_radius_px": result.radius_px,
                     "window_edge_px": result.edge_px, "grid_step_px": result.sampling_px},
-        found={"windows": n_windows, "median_window_resolution_angstrom": median},
-        timings_s={"wall": time.perf_counter() - t0}))
+        found={"windows": n_windows, "median_window_resolution_angstrom": median})
     if not quiet:
         console.print(f"{n_windows} windows, median local resolution {median:.2f} Å "
                       f"→ {paths['map']}")

@@ -22,9 +22,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 
@@ -83,13 +82,12 @@ def mask_command(
     except USER_ERRORS as exc:
         fail(exc)
     inside = float((mask > 0.5).mean())
-    write_json(output.with_name(output.stem + "_run.json"), run_record(
+    write_run_json(output.with_name(output.stem + "_run.json"), started=t0,
         command="mask", inputs={"map": str(map_path)}, outputs={"mask": str(output)},
         parameters={"threshold": thr, "threshold_rule": rule, "extend_px": extend,
                     "soft_edge_px": soft_edge, "lowpass_angstrom": lowpass,
                     "molecular_weight_kda": molecular_weight_kda},
-        found={"fraction_of_box_above_0.5": inside},
-        timings_s={"wall": time.perf_counter() - t0}))
+        found={"fraction_of_box_above_0.5": inside})
     if not quiet:
         console.print(f"mask (threshold {thr:.4g}: {rule}; {100 * inside:.1f} % of the box) "
                       f"→ {output}")

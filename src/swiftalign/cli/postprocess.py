@@ -25,9 +25,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 
@@ -96,7 +95,7 @@ def postprocess_command(
                                   mask_name=str(mask), autob_lowres_angstrom=autob_lowres)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(Path(output) / "postprocess_run.json", run_record(
+    write_run_json(Path(output) / "postprocess_run.json", started=t0,
         command="postprocess",
         inputs={"half1": str(half1), "half2": str(half2), "mask": str(mask)},
         outputs={k: str(v) for k, v in paths.items()},
@@ -106,8 +105,7 @@ def postprocess_command(
         found={"resolution_angstrom": result.fsc.resolution_angstrom,
                "resolution_is_bound": result.fsc.resolution_is_bound,
                "no_signal": result.fsc.no_signal,
-               "bfactor_angstrom2": result.bfactor_angstrom2},
-        timings_s={"wall": time.perf_counter() - t0}))
+               "bfactor_angstrom2": result.bfactor_angstrom2})
     if result.fsc.no_signal:  # postprocess.star (999 Å) and the plots show why; no map
         try:
             require_signal(result.fsc, f"{half1} and {half2}")

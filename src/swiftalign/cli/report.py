@@ -20,9 +20,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 
@@ -44,11 +43,10 @@ def report_command(
         out = build_report(run_dir, output)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(Path(run_dir) / "report_run.json", run_record(
+    write_run_json(Path(run_dir) / "report_run.json", started=t0,
         command="report", inputs={"run_dir": str(run_dir)},
         outputs={"report": str(out)},
         found={"refine": runs["refine"], "align_runs": [str(p) for p in runs["align"]]},
-        timings_s={"wall": time.perf_counter() - t0},
-    ))
+    )
     if not quiet:
         console.print(f"report → {out}")

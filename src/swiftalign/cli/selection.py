@@ -21,9 +21,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 
 
@@ -62,11 +61,11 @@ def select_command(
         n_kept = write_selection(output, table, keep)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(output.with_name(output.stem + "_run.json"), run_record(
+    write_run_json(output.with_name(output.stem + "_run.json"), started=t0,
         command="select",
         parameters={"column": column, "min_score": min_score, "max_score": max_score,
                     "top_fraction": top_fraction, "class": class_number},
         inputs={"particles": str(particles)}, outputs={"particles": str(output.resolve())},
-        n_particles=len(table), n_kept=n_kept, timings_s={"wall": time.perf_counter() - t0}))
+        n_particles=len(table), n_kept=n_kept)
     if not quiet:
         console.print(f"kept {n_kept} of {len(table)} particles → {output}")

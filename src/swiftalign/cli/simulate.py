@@ -18,9 +18,8 @@ from swiftalign.cli._common import (
     VerboseOption,
     console,
     fail,
-    run_record,
     setup_logging,
-    write_json,
+    write_run_json,
 )
 from swiftalign.sampling import DEFAULT_MAX_SHIFT_PX
 
@@ -87,8 +86,8 @@ def simulate_command(
         sim = simulate(ref, output_dir=output, **parameters)
     except USER_ERRORS as exc:
         fail(exc)
-    write_json(Path(output) / "run.json", run_record(
+    write_run_json(Path(output) / "run.json", started=t0,
         command="simulate", parameters=parameters, inputs={"map": str(map_path)},
-        outputs={"particles": str(sim.star_path)}, timings_s={"wall": time.perf_counter() - t0}))
+        outputs={"particles": str(sim.star_path)})
     if not quiet:
         console.print(f"wrote {len(sim.truth)} particles to {sim.star_path}")
