@@ -552,6 +552,7 @@ def build_reference_set(
     n_particles: int | None = None,
     noise: NoiseSpectrum | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    spectrum: VolumeSpectrum | None = None,
 ) -> ReferenceSet:
     """Project, rotate and cut the reference (the rotated gallery).
 
@@ -576,6 +577,9 @@ def build_reference_set(
         the pooled spectrum (thesis eq. 3.8) before normalisation.
     progress : callable, optional
         ``progress(step, done, total)``.
+    spectrum : VolumeSpectrum, optional
+        The reference's oversampled transform on the compute device, when the caller
+        has it already (e.g. shared by a refinement's repetitions); made here otherwise.
 
     Returns
     -------
@@ -625,6 +629,7 @@ def build_reference_set(
         rng=rng,
         progress=progress_counter(progress, "projections", len(rot_tilt)),
         coefficient_weights=weights,
+        spectrum=spectrum,
     )
     timings["gallery"] = time.perf_counter() - t0
     sampling = sampling.with_counts(len(rot_tilt), gallery.psi_deg.shape[1], gallery.n_shifts)
@@ -1066,6 +1071,7 @@ def align_particles(
     noise: NoiseSpectrum | None = None,
     extra_resident_bytes: int = 0,
     chunk_particles: int | None = None,
+    spectrum: VolumeSpectrum | None = None,
 ) -> AlignmentResult:
     """Align particles against the reference.
 
@@ -1119,6 +1125,9 @@ def align_particles(
         taken from ``config.max_memory_gb`` before the chunks are sized.
     chunk_particles : int, optional
         Particles per chunk (default from the memory budget).
+    spectrum : VolumeSpectrum, optional
+        The reference's oversampled transform on the compute device when the caller
+        has it (the gallery and the local stage slice it); made once here otherwise.
 
     Returns
     -------
@@ -1142,10 +1151,13 @@ def align_particles(
     if noise is not None and own_noise:
         timings["noise"] = time.perf_counter() - t0
     refset = plan.refset
+    local_rounds = _local_resolution_and_rounds(plan, config, local_resolution_angstrom)[1]
+    if spectrum is None and (local_rounds > 0 or (refset is None and config.transform == "dft")):
+        spectrum = VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device))
     if refset is None:
         refset = build_reference_set(plan.reference, config,
                                      pixel_size_angstrom=plan.pixel_size_angstrom,
-                                     noise=noise, progress=progress)
+                                     noise=noise, progress=progress, spectrum=spectrum)
     plan = dataclasses.replace(plan, sampling=refset.sampling)
     timings.update(refset.timings)
     # the search works within what the references and the chunk leave of --max-memory
@@ -1156,9 +1168,6 @@ def align_particles(
         trained_index = train_index(refset.gallery, index_settings(run_config),
                                     n_particles=len(plan.rows), ctf_disc_pool=pool,
                                     device=plan.device)
-    spectrum = None  # the local stage's reference spectrum, made once for every chunk
-    if _local_resolution_and_rounds(plan, config, local_resolution_angstrom)[1] > 0:
-        spectrum = VolumeSpectrum(torch.as_tensor(plan.reference.data, device=plan.device))
     n, step = len(plan.rows), memory.chunk_particles
     if n > step:
         log.info("aligning %d particles in chunks of %d (--max-memory %g GB)", n, step,

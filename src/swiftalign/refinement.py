@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import ConfigDict, Field
 
 from swiftalign.alignment import (
@@ -489,8 +490,6 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
     ±``ranges`` (°, px), down to half the steps of ``t_align`` (thesis §7.3) on
     the disc up to ``t_align``; every class is tried, the best distance wins.
     """
-    import torch
-
     config = setup.config
     device = resolve_device(config.device)
     pixel_size = setup.pixel_size_angstrom
@@ -590,8 +589,12 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
         acfgs = _repetition_configs(setup, iteration, h, t_global)
         for c in range(setup.n_classes):
             ref_c = MapData(refs[(c, h)], pixel_size, setup.references[c].path)
+            # one oversampled transform per half and class: every repetition slices it
+            spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, h)],
+                                                      device=resolve_device(config.device)))
             refsets = [build_reference_set(ref_c, acfg, pixel_size_angstrom=pixel_size,
-                                           noise=state.noise, progress=progress)
+                                           noise=state.noise, progress=progress,
+                                           spectrum=spectrum)
                        for acfg in acfgs]
             pool = None
             if ctf is not None and resolve_ctf_mode(config.ctf_mode, t_global) == "reference":
@@ -609,7 +612,7 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
                     setup.table, setup.images, refset, acfg, rows=rows,
                     initial_shift_yx_px=None if iteration == 1 else state.shift_yx_px[rows],
                     local_resolution_angstrom=t_align, trained_index=trained,
-                    progress=progress, noise=state.noise,
+                    progress=progress, noise=state.noise, spectrum=spectrum,
                     extra_resident_bytes=sum(gallery_bytes) - gallery_bytes[r])  # other reps
                 for step, sec in res.timings.items():
                     timings[f"align_{step}"] = timings.get(f"align_{step}", 0.0) + sec
@@ -619,7 +622,7 @@ def _align_global(setup: RefineSetup, state: RefineState, iteration: int, t_alig
                 found.euler_deg[rows[better], r] = res.euler_deg[better, 0]
                 found.shift_yx_px[rows[better], r] = res.shift_yx_px[better, 0]
                 found.class_index[rows[better], r] = c
-            del refsets, trained
+            del refsets, trained, spectrum
         found.distance[rows] = best_d.T
     return found
 
@@ -675,8 +678,6 @@ def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
 def _residual_noise(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
                     sel_of: dict[ClassHalf, np.ndarray], cons: Consensus) -> NoiseSpectrum:
     """Noise spectra of the residuals of the kept particles against their own half maps."""
-    import torch
-
     from swiftalign.noise import estimate_residual_noise_power, merge_spectra
 
     device = resolve_device(setup.config.device)
