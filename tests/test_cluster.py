@@ -55,9 +55,11 @@ def test_local_cluster_gives_single_process_poses(setup):
         with distributed.Client(cluster) as client:
             loads = client.run(lambda: index_file.load_count)
     np.testing.assert_array_equal(dist.search.ids, single.search.ids)
-    np.testing.assert_allclose(dist.euler_deg, single.euler_deg, atol=1e-6)
-    np.testing.assert_allclose(dist.shift_yx_px, single.shift_yx_px, atol=1e-6)
-    np.testing.assert_allclose(dist.score, single.score, atol=1e-6)
+    # the local search moves continuously (parabola vertices): float32 sums that differ
+    # with the threads and batches of a worker move the poses by < 1e-3 deg, not more
+    np.testing.assert_allclose(dist.euler_deg, single.euler_deg, atol=1e-3)
+    np.testing.assert_allclose(dist.shift_yx_px, single.shift_yx_px, atol=1e-3)
+    np.testing.assert_allclose(dist.score, single.score, rtol=1e-4)
     assert len(loads) == 2 and sum(loads.values()) <= 2  # once per worker, not per chunk
 
 
@@ -77,7 +79,8 @@ def test_cli_workers(setup, tmp_path):
     assert r.exit_code == 0, r.output
     cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
     pa, pb = starfile.read(a)["particles"], starfile.read(b)["particles"]
-    np.testing.assert_allclose(pa[cols].to_numpy(), pb[cols].to_numpy(), atol=1e-5)
+    # to float32 rounding of the continuous local moves (deg; Å at 4.88 Å/px)
+    np.testing.assert_allclose(pa[cols].to_numpy(), pb[cols].to_numpy(), atol=5e-3)
     r = CliRunner().invoke(app, ["align", str(star), "-r", "x.mrc", "--resolution", "25",
                                  "--workers", "2", "-o", str(tmp_path / "c.star")])
     assert r.exit_code == 2 and "needs --index-file" in r.output

@@ -22,9 +22,12 @@ Each iteration, at the current resolution ``T``:
    ``low_resolution_join_angstrom``).
 
 Alignment uses frequencies up to ``T`` (down to Nyquist; ``max_resolution_angstrom``
-caps it when given). The global search is sampled at ``max(T, global_resolution_angstrom)``;
-the local search that follows refines to the steps of ``T`` with its full disc,
-so the cost of the global search stays bounded as ``T`` improves.
+caps it when given). The global search is sampled at ``T_g = max(T, global_resolution_angstrom)``
+and each repetition's local search refines to ``T_r = max(T, T_g ×
+repetition_resolution_factor)``, the resolution at which the consensus is judged; each
+kept particle is then searched once more around its consensus pose, to the steps of
+``T`` with the full disc (the polish), so the cost of the global search and of the
+repetitions stays bounded as ``T`` improves.
 After the first iteration the shift search is centred on each particle's
 previous shift with range ``max_shift_later_px``. Once the consensus poses stop
 moving, step 1 becomes one local search per half around each particle's pose and
@@ -33,6 +36,7 @@ shift (:mod:`swiftalign.autolocal` decides and records why; ``auto_local``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -126,6 +130,9 @@ class RefineConfig(NoiseConfig, ComputeConfig):
     initial_resolution_angstrom: float = Field(gt=0)
     max_resolution_angstrom: float | None = Field(default=None, gt=0)  # None: Nyquist
     global_resolution_angstrom: float = Field(default=20.0, gt=0)
+    #: the repetitions of a global iteration refine locally to
+    #: ``max(T, global resolution × this)``; one polish per particle then reaches ``T``
+    repetition_resolution_factor: float = Field(default=0.5, gt=0, le=1)
     symmetry: str = "C1"
     force_symmetry: bool = False  # refine even if a reference disagrees with the symmetry
     near_symmetry: bool = True  # consensus up to rotations the map almost has (consensus.py)
@@ -484,11 +491,13 @@ def _masked_references(setup: RefineSetup, state: RefineState) -> dict[ClassHalf
 
 def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np.ndarray],
                 half: int, rows: np.ndarray, t_align: float,
-                ranges: tuple[float, float]) -> tuple[np.ndarray, ...]:
+                ranges: tuple[float, float], *, own_class: bool = False
+                ) -> tuple[np.ndarray, ...]:
     """Local search only, around the current poses and shifts of one half.
 
-    ±``ranges`` (°, px), down to half the steps of ``t_align`` (thesis §7.3) on
-    the disc up to ``t_align``; every class is tried, the best distance wins.
+    ±``ranges`` (°, px), down to a quarter of the angular step of ``t_align`` on
+    the disc up to ``t_align``; every class is tried and the best distance wins
+    (``own_class``: each particle only against its own class).
     """
     config = setup.config
     device = resolve_device(config.device)
@@ -505,13 +514,20 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
     out_e, out_s = state.euler_deg[rows].copy(), state.shift_yx_px[rows].copy()
     out_c = state.class_index[rows].copy()
     for c in range(setup.n_classes):
+        mine = state.class_index[rows] == c if own_class else np.ones(len(rows), dtype=bool)
+        if not mine.any():
+            continue
         spectrum = VolumeSpectrum(torch.as_tensor(refs[(c, half)], device=device))
-        e, s, d = refine_local(
-            spectrum, local.queries, state.euler_deg[rows], np.zeros((len(rows), 2)),
+        e, s, d = np.zeros((len(rows), 3)), np.zeros((len(rows), 2)), np.full(len(rows), np.inf)
+        e[mine], s[mine], d[mine] = refine_local(
+            spectrum, local.queries[torch.as_tensor(np.nonzero(mine)[0])],
+            state.euler_deg[rows[mine]], np.zeros((int(mine.sum()), 2)),
             disc=local.disc, metric=config.metric, angle_step_deg=angle_range,
             shift_step_px=shift_range, rounds=rounds,
-            ctf=setup.ctf.subset(rows) if setup.ctf is not None else None,
-            pixel_size_angstrom=pixel_size, coefficient_weights=local.weights,
+            ctf=setup.ctf.subset(rows[mine]) if setup.ctf is not None else None,
+            pixel_size_angstrom=pixel_size,
+            coefficient_weights=local.weights if local.weights is None or local.weights.ndim == 1
+            else local.weights[torch.as_tensor(np.nonzero(mine)[0])],
         )
         better = d < best_d
         best_d[better] = d[better]
@@ -784,8 +800,12 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
                                   max_shift_px=config.local_shift_px)
         fields["local_range_deg"], fields["local_range_px"] = ranges
         found = _align_local(setup, state, t_align, ranges)
-    else:
-        found = _align_global(setup, state, iteration, t_align, t_global, progress, timings)
+    else:  # the repetitions refine to t_rep; one polish per particle goes on to t_align
+        t_rep = max(t_align, t_global * config.repetition_resolution_factor)
+        dphi, ds = angular_step_deg(t_rep, pixel_size, setup.box_size), shift_step_px(t_rep,
+                                                                                       pixel_size)
+        fields["repetition_resolution_angstrom"] = t_rep
+        found = _align_global(setup, state, iteration, t_rep, t_global, progress, timings)
     timings["align"] = time.perf_counter() - t_step
     t_step = time.perf_counter()
     # repetitions that agree up to a near-symmetry of the references are kept (global only)
@@ -797,6 +817,11 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
                      symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
                      shift_tolerance_px=ds, distance=found.distance,
                      near_symmetry_group=None if near is None else near.group)
+    if plan.search == "global" and t_align < fields["repetition_resolution_angstrom"]:
+        t_polish = time.perf_counter()
+        _polish(setup, state, cons, t_align, (dphi / 2.0, ds / 2.0))
+        timings["polish"] = time.perf_counter() - t_polish
+        timings["align"] += timings["polish"]
     if plan.search == "local":  # one search: kept when it converged inside its range
         moved_deg, moved_px = _local_moves(setup, state, cons)
         cons.keep &= _local_converged(moved_deg, moved_px, ranges)
@@ -813,6 +838,25 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
             setup.symmetry)
     timings["consensus"] = time.perf_counter() - t_step
     return cons, fields
+
+
+def _polish(setup: RefineSetup, state: RefineState, cons: Consensus, t_align: float,
+            ranges: tuple[float, float]) -> None:
+    """Refine the kept consensus poses and shifts to ``t_align`` in place: one local search.
+
+    The repetitions of a global iteration only refine to the coarser resolution their
+    consensus is judged at; each kept particle is then searched once (not once per
+    repetition) within ±``ranges`` (half the steps of that resolution) around its
+    consensus pose, against its own class.
+    """
+    refs = _masked_references(setup, state)
+    now = dataclasses.replace(state, euler_deg=cons.euler_deg, shift_yx_px=cons.shift_yx_px,
+                              class_index=cons.class_index)
+    for h in (1, 2):
+        rows = np.nonzero((setup.halves == h) & cons.keep)[0]
+        if len(rows):
+            cons.euler_deg[rows], cons.shift_yx_px[rows], _ = _local_pass(
+                setup, now, refs, h, rows, t_align, ranges, own_class=True)
 
 
 def alignment_resolution(setup: RefineSetup, resolution_angstrom: float) -> float:
