@@ -70,9 +70,8 @@ def test_reused_for_two_datasets_without_retraining(built, monkeypatch):
             return fn(*a, **kw)
         return wrapper
 
-    monkeypatch.setattr(search.TrainedIndex, "train",
-                        counting("train", search.TrainedIndex.train))
-    monkeypatch.setattr(search.TrainedIndex, "add", counting("add", search.TrainedIndex.add))
+    monkeypatch.setattr(search, "_faiss_train", counting("train", search._faiss_train))
+    monkeypatch.setattr(search, "_faiss_add", counting("add", search._faiss_add))
     monkeypatch.setattr(alignment, "build_gallery", counting("gallery", alignment.build_gallery))
     loaded = load_reference_index(path)
     for star in stars:
@@ -284,9 +283,8 @@ def test_cuda_request_falls_back_to_cpu_with_a_message(built, monkeypatch):
     # faiss without GPU support: the index stays on the CPU, and says so
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
     with pytest.warns(UserWarning, match="faiss-gpu is not installed"):
-        trained = search.TrainedIndex.from_faiss(
-            refset.index.trained.cpu_index(), "IVF64,PQ32x4fs", refset.disc.dim, device="cuda")
-    assert trained.device == "cpu"
+        moved = search.index_to_device(refset.index, "cuda")
+    assert moved.device == "cpu" and moved.faiss_index is refset.index.faiss_index
 
 
 @pytest.mark.gpu

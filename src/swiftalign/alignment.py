@@ -71,6 +71,7 @@ from swiftalign.search import (
     PopulatedIndex,
     SearchResult,
     TrainedIndex,
+    index_to_device,
     populate_index,
     query_index,
     search_gallery,
@@ -466,10 +467,8 @@ class ReferenceSet:
                                       weights=None if weights is None else weights.to(device))
         index = self.index
         if index is not None:
-            if index.trained is not None:
-                index.trained.to_device(device)
             index = dataclasses.replace(
-                index, gallery=gallery,
+                index_to_device(index, device), gallery=gallery,
                 ctf_disc=None if index.ctf_disc is None else index.ctf_disc.to(device))
         return dataclasses.replace(self, gallery=gallery, disc=self.disc.to(device), index=index)
 
@@ -1269,7 +1268,7 @@ def align_memory(plan: AlignmentPlan, config: AlignConfig, *,
         g = plan.refset.gallery
         gallery_bytes = float(g.coeffs.numel() * g.coeffs.element_size())
         if plan.refset.index is not None and not plan.refset.index.exact:
-            gallery_bytes += plan.refset.index.bytes_per_pose() * g.n_poses
+            gallery_bytes += plan.refset.index.bytes_per_pose * g.n_poses
     else:
         gallery_bytes = gallery_bytes_estimate(plan.sampling, plan.disc, config.symmetry_checked())
     n_vectors = 2 if plan.ctf is not None else 1  # reference mode: raw vectors re-scored

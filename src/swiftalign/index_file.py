@@ -104,6 +104,7 @@ def save_reference_index(path: str | Path, refset) -> dict:
         When ``refset`` has no populated index, or CTF mode ``reference``.
     """
     from swiftalign.io.atomic import atomic_write
+    from swiftalign.search import serialize_index
 
     if refset.index is None:
         raise ValueError("the reference set has no populated index (build it with populate=True)")
@@ -153,8 +154,8 @@ def save_reference_index(path: str | Path, refset) -> dict:
         zf.writestr("manifest.json", json.dumps(manifest, indent=2))
         for name, arr in arrays.items():
             zf.writestr(f"{name}.npy", _npy_bytes(arr))
-        if index.trained is not None:
-            zf.writestr("faiss.index", index.trained.serialize().tobytes())
+        if index.faiss_index is not None:
+            zf.writestr("faiss.index", serialize_index(index).tobytes())
     return manifest
 
 
@@ -399,7 +400,7 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
     from swiftalign.fourier import make_disc
     from swiftalign.gallery import Gallery
     from swiftalign.io.mrc import MapData
-    from swiftalign.search import PopulatedIndex, TrainedIndex
+    from swiftalign.search import PopulatedIndex, index_from_faiss
 
     path = Path(path)
     manifest, arrays, faiss_bytes = _read_contents(path)
@@ -439,17 +440,16 @@ def load_reference_index(path: str | Path, *, device: str = "cpu"):
         metric=config.metric,
         weights=weights,
     )
-    trained = None
     if faiss_bytes is not None:
-        trained = TrainedIndex.from_faiss(_faiss_index(path, faiss_bytes, gallery.n_poses),
-                                          factory, disc.dim, device=device,
-                                          gpu_float16=config.gpu_float16)
+        populated = index_from_faiss(
+            gallery, _faiss_index(path, faiss_bytes, gallery.n_poses), factory,
+            nprobe=manifest.get("nprobe"), recall=manifest.get("recall"),
+            bytes_per_pose=len(faiss_bytes) / max(1, gallery.n_poses), device=device,
+            gpu_float16=config.gpu_float16)
     elif factory != "Flat":
         raise InputError(f"{path}: corrupt index file (factory {factory} but no faiss.index)")
-    populated = PopulatedIndex(gallery, factory, trained, None, manifest.get("nprobe"),
-                               manifest.get("recall"), {})
-    if trained is not None and populated.nprobe is not None:
-        trained.set_nprobe(populated.nprobe)
+    else:
+        populated = PopulatedIndex(gallery, factory, recall=manifest.get("recall"))
     reference = MapData(arrays["reference"].astype(np.float32, copy=False), pixel_size, path)
     return ReferenceSet(config, reference, pixel_size, box, sampling, disc, gallery, populated,
                         source=str(path), timings={}, noise=noise)

@@ -17,12 +17,20 @@ Two kinds of search:
   which are then re-scored exactly from their regenerated vectors (thesis
   §4.1; compression alone loses accuracy).
 
-Vectors are zero-padded to a multiple of 64 components (does not change any
-distance) so that PQ and OPQ sub-quantisers divide the dimension.
+The FAISS layer is thin: frozen :class:`TrainedIndex` / :class:`PopulatedIndex`
+records carry the FAISS index, where it lives, and what building it measured
+(timings, recall, bytes per pose: measured once, when populated, or read from
+the index file); free functions do the work (:func:`index_to_device`,
+:func:`serialize_index`, :func:`index_from_faiss`). Tensors go to FAISS through
+its torch interop (``faiss.contrib.torch_utils``): contiguous float32 CPU
+tensors are read in place, CUDA tensors go straight to a GPU index. Vectors are
+zero-padded to a multiple of 64 components (does not change any distance) so
+that PQ and OPQ sub-quantisers divide the dimension.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -30,6 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +56,9 @@ __all__ = [
     "resolve_factory",
     "PopulatedIndex",
     "TrainedIndex",
+    "index_from_faiss",
+    "index_to_device",
+    "serialize_index",
     "train_index",
     "populate_index",
     "query_index",
@@ -236,13 +248,6 @@ def _padded_dim(dim: int, factory: str) -> int:
     return int(math.ceil(dim / mult) * mult)
 
 
-def _pad(x: torch.Tensor, dim: int) -> np.ndarray:
-    x = x.detach().to("cpu", torch.float32)
-    if x.shape[-1] < dim:
-        x = torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
-    return np.ascontiguousarray(x.numpy())
-
-
 def merge_topk(
     best_d: torch.Tensor | None,
     best_i: torch.Tensor | None,
@@ -266,7 +271,7 @@ def merge_topk(
     (torch.Tensor, torch.Tensor)
         `(n, min(k, k0 + k1))` distances ascending and their ids.
     """
-    if best_d is None:
+    if best_d is None or best_i is None:
         d, i = new_d, new_i
     else:
         d = torch.cat([best_d, new_d], dim=1)
@@ -319,6 +324,7 @@ def _exact_search(
         best_d, best_i = merge_topk(best_d, best_i, dk, ids[ik], k)
         if progress is not None:
             progress(stop - start)
+    assert best_d is not None and best_i is not None  # a gallery has at least one image
     return best_d, best_i
 
 
@@ -385,6 +391,7 @@ def _exact_search_folded(
         best_d, best_i = merge_topk(best_d, best_i, q_norm - 2.0 * top, image * n_shifts + shift, k)
         if progress is not None:
             progress(stop - start)
+    assert best_d is not None and best_i is not None  # a gallery has at least one image
     return best_d, best_i
 
 
@@ -434,7 +441,8 @@ def rescore(
         cand = candidates[start : start + step].to(device)
         valid = cand >= 0
         safe = torch.where(valid, cand, torch.zeros_like(cand))
-        ctf = ctf_disc[start : start + step].unsqueeze(1).to(device) if per_particle else ctf_disc
+        ctf = ctf_disc[start : start + step].unsqueeze(1).to(device) \
+            if per_particle and ctf_disc is not None else ctf_disc
         vecs = gallery.vectors(safe, ctf_disc=ctf)  # (b, c, dim)
         q = queries[start : start + step].to(device)
         d = ((vecs - q[:, None, :]) ** 2).sum(dim=-1)
@@ -477,7 +485,7 @@ def _rescore_folded(
         safe = torch.where(valid, cand, torch.zeros_like(cand))
         image = torch.div(safe, n_shifts, rounding_mode="floor")
         shift = safe - image * n_shifts
-        if per_particle:  # (b, c, n_coeff): every candidate with its particle's CTF
+        if per_particle and ctf_disc is not None:  # (b, c, n_coeff): every candidate with its particle's CTF
             coeffs = gallery.coeffs[image] * ctf_disc[start : start + step, None].to(device)
         else:  # each distinct image once
             unique, inverse = torch.unique(image, return_inverse=True)
@@ -534,196 +542,360 @@ def _augmented_vectors(
     return torch.cat(out)
 
 
+def _faiss() -> Any:
+    """The ``faiss`` module, with its torch interop loaded.
+
+    ``faiss.contrib.torch_utils`` (FAISS's documented way) patches every FAISS
+    index class once per process so that ``train``, ``add`` and ``search``
+    also take torch tensors: a contiguous float32 CPU tensor is read in place
+    through its data pointer, a CUDA tensor goes to a GPU index without a trip
+    through the host, and results come back as tensors on the query's device.
+    NumPy arguments still reach FAISS's own methods unchanged.
+    """
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (patches the index classes)
+
+    return faiss
+
+
 def _faiss_reason(exc: RuntimeError) -> str:
     """The last line of a FAISS error (the human-readable reason)."""
     text = str(exc).strip()
     return text.splitlines()[-1] if text else repr(exc)
 
 
+@dataclass(frozen=True, eq=False)
 class TrainedIndex:
-    """A trained FAISS index that can be (re)populated from a gallery.
+    """A trained FAISS index without vectors, reused for any number of galleries.
 
-    Parameters
+    Made by :func:`train_index`; :func:`populate_index` fills a copy of it and
+    never the index itself, so one trained index serves every repetition (and
+    CTF group) while the resolution, and thus the vector length, is unchanged.
+
+    Attributes
     ----------
     factory : str
         FAISS factory string (not ``Flat``).
     dim : int
-        Search-vector length before padding.
+        Search-vector length before padding (``faiss_index.d`` is the padded one).
+    faiss_index : faiss.Index
+        The trained, empty FAISS index, on ``device``.
     device : str
-        ``cpu`` or ``cuda`` (GPU FAISS when faiss-gpu is installed; otherwise
-        the index stays on the CPU, with a warning).
+        Where the FAISS index lives: ``cpu``, or ``cuda[:n]`` with faiss-gpu.
+    train_seconds : float
+        Training time, augmentation and pooling of the training vectors included.
+    n_train : int
+        Training vectors.
     gpu_float16 : bool
-        On the GPU, store IVF codes / lookup tables in float16 (large indexes).
+        On the GPU, IVF codes / lookup tables in float16.
+    gpu_resources : faiss.StandardGpuResources or None
+        The GPU resources the index uses (kept alive with it).
+    """
+
+    factory: str
+    dim: int
+    faiss_index: Any
+    device: str = "cpu"
+    train_seconds: float = 0.0
+    n_train: int = 0
+    gpu_float16: bool = False
+    gpu_resources: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class PopulatedIndex:
+    """A reference set ready to be queried: exact (streamed) or a populated FAISS index.
+
+    Made by :func:`populate_index` or read back from an index file
+    (:func:`index_from_faiss`); its size and timings are measured once, there.
+
+    Attributes
+    ----------
+    gallery : Gallery
+        The reference set whose pose ids the index returns.
+    factory : str
+        ``Flat`` (exact search over regenerated vectors) or the FAISS factory string.
+    faiss_index : faiss.Index or None
+        The populated FAISS index, ``nprobe`` set (``None`` for ``Flat``).
+    device : str
+        Where the FAISS index lives (``cpu`` or ``cuda[:n]``).
+    ctf_disc : torch.Tensor or None
+        `(n_coeff,)` CTF applied to the references (reference CTF mode), else ``None``.
+    nprobe : int or None
+        IVF lists visited (tuned or given).
+    recall : float or None
+        Recall of the exact neighbour at ``nprobe`` on held-out vectors (1 for ``Flat``).
+    bytes_per_pose : float
+        Serialised index size over its vectors (0 for the exact search).
+    train_seconds, populate_seconds, tune_seconds : float
+        Time spent building it (0 for an index read from a file).
+    gpu_float16 : bool
+        On the GPU, IVF codes / lookup tables in float16.
+    gpu_resources : faiss.StandardGpuResources or None
+        The GPU resources the index uses (kept alive with it).
+    """
+
+    gallery: Gallery
+    factory: str
+    faiss_index: Any = None
+    device: str = "cpu"
+    ctf_disc: torch.Tensor | None = None
+    nprobe: int | None = None
+    recall: float | None = None
+    bytes_per_pose: float = 0.0
+    train_seconds: float = 0.0
+    populate_seconds: float = 0.0
+    tune_seconds: float = 0.0
+    gpu_float16: bool = False
+    gpu_resources: Any = field(default=None, repr=False)
+
+    @property
+    def exact(self) -> bool:
+        """Whether queries are answered by the exact streamed search."""
+        return self.faiss_index is None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in ``train``, ``populate`` and ``tune``."""
+        return {"train": self.train_seconds, "populate": self.populate_seconds,
+                "tune": self.tune_seconds}
+
+
+def _new_faiss_index(factory: str, dim: int) -> Any:
+    """An untrained CPU FAISS index for vectors of ``dim`` components (padded here).
+
+    Polysemous training is turned off (its codes are unused here and it takes 15x
+    the PQ training time) and OPQ's alternating optimisation is bounded.
 
     Raises
     ------
     ValueError
         When FAISS rejects the factory string.
     """
+    faiss = _faiss()
+    padded = _padded_dim(dim, factory)
+    try:
+        index = faiss.index_factory(padded, factory, faiss.METRIC_L2)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"--index {factory!r} is not a valid FAISS factory string for vectors of "
+            f"{padded} components ({_faiss_reason(exc)})"
+        ) from None
+    parts = [faiss.downcast_index(index)]
+    if isinstance(parts[0], faiss.IndexPreTransform):
+        pre = parts[0]
+        parts.append(faiss.downcast_index(pre.index))
+        for j in range(pre.chain.size()):
+            vt = faiss.downcast_VectorTransform(pre.chain.at(j))
+            if isinstance(vt, faiss.OPQMatrix):
+                vt.niter = 8
+                vt.niter_pq = 4
+                vt.max_train_points = 8192
+    for part in parts:
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    return index
 
-    def __init__(self, factory: str, dim: int, *, device: str = "cpu",
-                 gpu_float16: bool = False) -> None:
-        import faiss
 
-        self.factory = factory
-        self.dim = dim
-        self.padded_dim = _padded_dim(dim, factory)
-        try:
-            self.index = faiss.index_factory(self.padded_dim, factory, faiss.METRIC_L2)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"--index {factory!r} is not a valid FAISS factory string for vectors of "
-                f"{self.padded_dim} components ({_faiss_reason(exc)})"
-            ) from None
-        self._configure_training()
-        self.device = "cpu"
-        self.gpu_float16 = gpu_float16
-        self.train_seconds = 0.0
-        self._size: tuple[int, float] | None = None
-        self.to_device(device)
+def _faiss_on_device(index: Any, device: str, *, gpu_float16: bool, factory: str,
+                     resources: Any = None) -> tuple[Any, str, Any]:
+    """A CPU FAISS index copied to the GPU for ``cuda`` devices when faiss-gpu is installed.
 
-    @classmethod
-    def from_faiss(cls, index, factory: str, dim: int, *, device: str = "cpu",
-                   gpu_float16: bool = False) -> TrainedIndex:
-        """Wrap an existing (CPU) FAISS index, e.g. one read back from a file."""
-        self = cls.__new__(cls)
-        self.factory = factory
-        self.dim = dim
-        self.padded_dim = int(index.d)
-        self.index = index
-        self._parts = []
-        self.device = "cpu"
-        self.gpu_float16 = gpu_float16
-        self.train_seconds = 0.0
-        self._size = None
-        self.to_device(device)
-        return self
+    Returns ``(index, device it lives on, GPU resources or None)``. Without faiss-gpu
+    (or for index types with no GPU version) the index stays on the CPU and a warning
+    says so; torch work stays on ``device``.
+    """
+    faiss = _faiss()
+    if not device.startswith("cuda"):
+        return index, "cpu", None
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        warnings.warn(
+            "faiss-gpu is not installed (or sees no GPU): the FAISS index stays on the CPU "
+            "(FFTs, rotations and phase ramps still run on the GPU)", stacklevel=3,
+        )
+        return index, "cpu", None
+    gpu = int(device.split(":")[1]) if ":" in device else 0
+    resources = resources if resources is not None else faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = bool(gpu_float16)
+    try:
+        return faiss.index_cpu_to_gpu(resources, gpu, index, options), device, resources
+    except Exception as exc:  # some index types have no GPU version
+        warnings.warn(f"FAISS index {factory} stays on the CPU: {exc}", stacklevel=3)
+        return index, "cpu", None
 
-    def to_device(self, device: str) -> None:
-        """Move the index to the GPU for ``cuda`` devices when faiss-gpu is installed.
 
-        Without faiss-gpu (or for index types with no GPU version) the index
-        stays on the CPU and a warning says so; torch work stays on ``device``.
-        """
-        import faiss
+def _cpu_faiss(index: Any) -> Any:
+    """The FAISS index on the CPU (a copy when it lives on a GPU)."""
+    return _faiss().index_gpu_to_cpu(index) if _on_gpu(index) else index
 
-        if not device.startswith("cuda") or self.device.startswith("cuda"):
-            return
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            warnings.warn(
-                "faiss-gpu is not installed (or sees no GPU): the FAISS index stays on the CPU "
-                "(FFTs, rotations and phase ramps still run on the GPU)", stacklevel=2,
-            )
-            return
-        gpu = int(device.split(":")[1]) if ":" in device else 0
-        self._gpu_res = faiss.StandardGpuResources()
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = bool(self.gpu_float16)
-        try:
-            self.index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, self.index, options)
-            self.device = device
-        except Exception as exc:  # some index types have no GPU version
-            warnings.warn(f"FAISS index {self.factory} stays on the CPU: {exc}", stacklevel=2)
 
-    def cpu_index(self):
-        """The index on the CPU (a copy when it lives on the GPU)."""
-        import faiss
+def _on_gpu(index: Any) -> bool:
+    """Whether a FAISS index lives on a GPU (GPU indexes have ``getDevice``)."""
+    return hasattr(index, "getDevice")
 
-        if self.device.startswith("cuda"):
-            return faiss.index_gpu_to_cpu(self.index)
-        return self.index
 
-    def serialize(self) -> np.ndarray:
-        """The index as FAISS serialises it (`(n_bytes,)` uint8)."""
-        import faiss
+def index_to_device(index: PopulatedIndex, device: str) -> PopulatedIndex:
+    """The same populated index with its FAISS index on ``device``'s GPU (when possible).
 
-        return faiss.serialize_index(self.cpu_index())
+    Only a CPU index is moved, and only for ``cuda`` devices with faiss-gpu
+    installed (otherwise a warning, and the index is returned as it is).
 
-    def empty_copy(self) -> TrainedIndex:
-        """A copy of the trained index without its vectors (to populate another gallery)."""
-        import faiss
+    Parameters
+    ----------
+    index : PopulatedIndex
+        Index to move (left untouched).
+    device : str
+        ``cpu`` or ``cuda[:n]``.
 
-        copy = faiss.deserialize_index(self.serialize())
-        copy.reset()
-        return TrainedIndex.from_faiss(copy, self.factory, self.dim, device=self.device,
-                                       gpu_float16=self.gpu_float16)
+    Returns
+    -------
+    PopulatedIndex
+    """
+    if index.faiss_index is None or not device.startswith("cuda") or \
+            index.device.startswith("cuda"):
+        return index
+    moved, where, res = _faiss_on_device(index.faiss_index, device,
+                                         gpu_float16=index.gpu_float16, factory=index.factory)
+    if moved is index.faiss_index:
+        return index
+    return dataclasses.replace(index, faiss_index=moved, device=where, gpu_resources=res)
 
-    def _configure_training(self) -> None:
-        """Turn off polysemous training and bound OPQ's alternating optimisation.
 
-        Polysemous codes are unused here and take 15x the PQ training time.
-        """
-        import faiss
+def serialize_index(index: PopulatedIndex) -> np.ndarray:
+    """The populated FAISS index as FAISS serialises it.
 
-        parts = [faiss.downcast_index(self.index)]
-        if isinstance(parts[0], faiss.IndexPreTransform):
-            pre = parts[0]
-            parts.append(faiss.downcast_index(pre.index))
-            for j in range(pre.chain.size()):
-                vt = faiss.downcast_VectorTransform(pre.chain.at(j))
-                if isinstance(vt, faiss.OPQMatrix):
-                    vt.niter = 8
-                    vt.niter_pq = 4
-                    vt.max_train_points = 8192
-        self._parts = parts  # keep Python wrappers alive
-        for part in parts:
-            if hasattr(part, "do_polysemous_training"):
-                part.do_polysemous_training = False
+    Returns
+    -------
+    np.ndarray
+        `(n_bytes,)` uint8.
 
-    @property
-    def ivf(self):
-        """The IVF part of the index, or None when it has none."""
-        import faiss
+    Raises
+    ------
+    ValueError
+        For the exact search (no FAISS index).
+    """
+    if index.faiss_index is None:
+        raise ValueError("the exact (Flat) search has no FAISS index to serialise")
+    return _faiss().serialize_index(_cpu_faiss(index.faiss_index))
 
-        try:
-            return faiss.extract_index_ivf(self.index)
-        except RuntimeError:
-            return None
 
-    def train(self, vectors: torch.Tensor) -> None:
-        """Train on `(n, dim)` vectors.
+def _serialized_nbytes(index: Any) -> int:
+    """Bytes FAISS would serialise ``index`` to, counted without keeping them."""
+    faiss = _faiss()
+    count = [0]
 
-        Raises
-        ------
-        ValueError
-            When FAISS cannot train this index on these vectors (e.g. more PCA
-            components than dimensions, more lists than training vectors).
-        """
-        t0 = time.perf_counter()
-        try:
-            self.index.train(_pad(vectors, self.padded_dim))
-            self.train_seconds = time.perf_counter() - t0
-        except RuntimeError as exc:
-            raise ValueError(
-                f"--index {self.factory!r} cannot be trained on {vectors.shape[0]} vectors of "
-                f"{self.padded_dim} components ({_faiss_reason(exc)})"
-            ) from None
+    def sink(chunk: bytes) -> None:
+        count[0] += len(chunk)
 
-    def reset(self) -> None:
-        """Remove every vector (the training stays)."""
-        self.index.reset()
+    writer = faiss.PyCallbackIOWriter(sink)
+    faiss.write_index(_cpu_faiss(index), writer)
+    del writer
+    return count[0]
 
-    def add(self, vectors: torch.Tensor) -> None:
-        """Append `(n, dim)` vectors; their ids continue from ``ntotal``."""
-        self.index.add(_pad(vectors, self.padded_dim))
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """IVF lists visited per query (no effect without IVF)."""
-        ivf = self.ivf
-        if ivf is not None:
-            ivf.nprobe = int(nprobe)
+def index_from_faiss(
+    gallery: Gallery,
+    faiss_index: Any,
+    factory: str,
+    *,
+    nprobe: int | None,
+    recall: float | None,
+    bytes_per_pose: float,
+    device: str = "cpu",
+    gpu_float16: bool = False,
+) -> PopulatedIndex:
+    """A populated index around a CPU FAISS index read back from a file.
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(n, dim)` queries → `(n, k)` approximate distances and ids (−1 when missing)."""
-        d, i = self.index.search(_pad(queries, self.padded_dim), k)
-        return torch.from_numpy(d), torch.from_numpy(i)
+    Parameters
+    ----------
+    gallery : Gallery
+        The reference set whose poses the index holds, in order.
+    faiss_index : faiss.Index
+        Populated CPU FAISS index (it is configured, not copied).
+    factory : str
+        Its factory string.
+    nprobe : int or None
+        IVF lists to visit (set on the index).
+    recall : float or None
+        Recall measured when it was tuned.
+    bytes_per_pose : float
+        Its serialised size over its vectors (from the file, not measured again).
+    device : str
+        ``cpu`` or ``cuda[:n]`` (GPU FAISS when faiss-gpu is installed).
+    gpu_float16 : bool
+        On the GPU, IVF codes / lookup tables in float16.
 
-    def bytes_per_pose(self) -> float:
-        """Serialised index size over its number of vectors (serialised once per content)."""
-        if self._size is None or self._size[0] != self.index.ntotal:
-            self._size = (self.index.ntotal,
-                          float(self.serialize().nbytes) / max(1, self.index.ntotal))
-        return self._size[1]
+    Returns
+    -------
+    PopulatedIndex
+        Building times 0 (not part of this run).
+    """
+    if nprobe is not None:
+        _set_nprobe(faiss_index, nprobe)
+    index = PopulatedIndex(gallery, factory, faiss_index, nprobe=nprobe, recall=recall,
+                           bytes_per_pose=bytes_per_pose, gpu_float16=gpu_float16)
+    return index_to_device(index, device)
+
+
+def _ivf(index: Any) -> Any:
+    """The IVF part of a FAISS index, or None when it has none."""
+    try:
+        return _faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _set_nprobe(index: Any, nprobe: int) -> None:
+    """IVF lists visited per query (no effect without IVF)."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+
+
+def _faiss_input(index: Any, x: torch.Tensor) -> torch.Tensor:
+    """`(n, dim)` vectors as FAISS reads them in place: `(n, index.d)`, contiguous float32.
+
+    Zero-padded to the index's dimension (does not change any distance); kept on
+    the GPU only for an index that lives there, else brought to the CPU. No copy
+    when the vectors already are so.
+    """
+    x = x.detach()
+    if x.is_cuda and not _on_gpu(index):
+        x = x.cpu()
+    x = x.to(torch.float32)
+    if x.shape[-1] < index.d:
+        x = torch.nn.functional.pad(x, (0, index.d - x.shape[-1]))
+    return x.contiguous()
+
+
+def _faiss_train(index: Any, vectors: torch.Tensor, factory: str) -> None:
+    """Train a FAISS index on `(n, dim)` vectors.
+
+    Raises
+    ------
+    ValueError
+        When FAISS cannot train this index on these vectors (e.g. more PCA
+        components than dimensions, more lists than training vectors).
+    """
+    try:
+        index.train(_faiss_input(index, vectors))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"--index {factory!r} cannot be trained on {vectors.shape[0]} vectors of "
+            f"{index.d} components ({_faiss_reason(exc)})"
+        ) from None
+
+
+def _faiss_add(index: Any, vectors: torch.Tensor) -> None:
+    """Append `(n, dim)` vectors; their ids continue from ``ntotal``."""
+    index.add(_faiss_input(index, vectors))
+
+
+def _faiss_search(index: Any, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """`(n, dim)` queries → `(n, k)` int64 candidate ids (−1 when missing)."""
+    _, ids = index.search(_faiss_input(index, queries), k)
+    return ids
 
 
 def validate_factory(factory: str, dim: int) -> None:
@@ -731,7 +903,7 @@ def validate_factory(factory: str, dim: int) -> None:
     f = factory.strip().lower()
     if f in ("flat", "auto", "ivfpq"):
         return
-    TrainedIndex(factory, dim)
+    _new_faiss_index(factory, dim)
 
 
 def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | None = None,
@@ -764,46 +936,6 @@ def resolve_factory(factory: str, n_poses: int, dim: int, n_particles: int | Non
     return factory
 
 
-@dataclass
-class PopulatedIndex:
-    """A reference set ready to be queried: exact (streamed) or a populated FAISS index.
-
-    Attributes
-    ----------
-    gallery : Gallery
-        The reference set whose pose ids the index returns.
-    factory : str
-        ``Flat`` (exact search over regenerated vectors) or the FAISS factory string.
-    trained : TrainedIndex or None
-        The populated FAISS index (``None`` for ``Flat``).
-    ctf_disc : torch.Tensor or None
-        `(n_coeff,)` CTF applied to the references (reference CTF mode), else ``None``.
-    nprobe : int or None
-        IVF lists visited (tuned or given).
-    recall : float or None
-        Recall of the exact neighbour at ``nprobe`` on held-out vectors (1 for ``Flat``).
-    timings : dict
-        Seconds spent in ``train``, ``populate`` and ``tune``.
-    """
-
-    gallery: Gallery
-    factory: str
-    trained: TrainedIndex | None
-    ctf_disc: torch.Tensor | None = None
-    nprobe: int | None = None
-    recall: float | None = None
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def exact(self) -> bool:
-        """Whether queries are answered by the exact streamed search."""
-        return self.trained is None
-
-    def bytes_per_pose(self) -> float:
-        """Index memory per reference pose (0 for the exact search)."""
-        return 0.0 if self.trained is None else self.trained.bytes_per_pose()
-
-
 def train_index(
     galleries: Gallery | Sequence[Gallery],
     settings: IndexSettings,
@@ -825,13 +957,13 @@ def train_index(
         Reference sets of the same disc and sampling (the first one sizes the index).
     settings : IndexSettings
         Factory (``auto``/``ivfpq`` resolved with :func:`resolve_factory`),
-        ``n_train`` and ``seed``.
+        ``n_train``, ``seed`` and ``gpu_float16``.
     n_particles : int, optional
         Particles to be aligned (for ``auto``).
     ctf_disc_pool : torch.Tensor, optional
         `(p, n_coeff)` CTFs drawn at random to augment training vectors.
     device : str
-        ``cpu`` or ``cuda``.
+        ``cpu`` or ``cuda`` (the FAISS index is trained on the GPU with faiss-gpu).
     progress : callable, optional
         ``progress(step_name, done, total)``.
 
@@ -853,9 +985,10 @@ def train_index(
         return None
     rng = np.random.default_rng(settings.seed)
     t0 = time.perf_counter()
-    index = TrainedIndex(factory, first.disc.dim, device=device,
-                         gpu_float16=settings.gpu_float16)
-    ivf = index.ivf
+    index, where, resources = _faiss_on_device(
+        _new_faiss_index(factory, first.disc.dim), device, gpu_float16=settings.gpu_float16,
+        factory=factory)
+    ivf = _ivf(index)
     nlist = int(ivf.nlist) if ivf is not None else 0
     n_train = settings.n_train or int(
         min(sum(g.n_poses for g in pool), max(40 * max(nlist, 1), 20_000), 200_000)
@@ -866,13 +999,25 @@ def train_index(
                        for g, m in zip(pool, parts, strict=True) if m > 0])
     if progress is not None:
         progress("train index", 0, len(train))
-    index.train(train)
+    _faiss_train(index, train, factory)
     if progress is not None:
         progress("train index", len(train), len(train))
-    index.train_seconds = time.perf_counter() - t0  # pooling and augmentation included
+    seconds = time.perf_counter() - t0  # pooling and augmentation included
     log.debug("trained %s on %d vectors from %d reference sets in %.1f s", factory,
-              len(train), len(pool), index.train_seconds)
-    return index
+              len(train), len(pool), seconds)
+    return TrainedIndex(factory, first.disc.dim, index, where, seconds, len(train),
+                        settings.gpu_float16, resources)
+
+
+def _empty_copy(trained: TrainedIndex) -> Any:
+    """A copy of a trained FAISS index without vectors, where the trained one lives."""
+    faiss = _faiss()
+    copy = faiss.clone_index(_cpu_faiss(trained.faiss_index))
+    copy.reset()
+    if _on_gpu(trained.faiss_index):
+        copy, _, _ = _faiss_on_device(copy, trained.device, gpu_float16=trained.gpu_float16,
+                                      factory=trained.factory, resources=trained.gpu_resources)
+    return copy
 
 
 def populate_index(
@@ -885,7 +1030,10 @@ def populate_index(
     nprobe: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PopulatedIndex:
-    """Add every reference of a gallery to (a copy of) a trained index and tune ``nprobe``.
+    """Add every reference of a gallery to a copy of a trained index and tune ``nprobe``.
+
+    The index's size per pose is measured here, once (FAISS's serialised size,
+    counted without keeping the bytes).
 
     Parameters
     ----------
@@ -910,43 +1058,47 @@ def populate_index(
     PopulatedIndex
     """
     if trained is None:
-        return PopulatedIndex(gallery, "Flat", None, ctf_disc, None, 1.0,
-                              {"train": 0.0, "populate": 0.0, "tune": 0.0})
-    timings = {"train": trained.train_seconds}
-    budget = settings.max_memory_bytes
+        return PopulatedIndex(gallery, "Flat", ctf_disc=ctf_disc, recall=1.0)
     t0 = time.perf_counter()
-    index = trained.empty_copy()
-    step = _block_images(gallery, budget, 0)
+    index = _empty_copy(trained)
+    step = _block_images(gallery, settings.max_memory_bytes, 0)
     for start in range(0, gallery.n_images, step):
         stop = min(gallery.n_images, start + step)
         vecs, _ = gallery.block_vectors(start, stop, ctf_disc=ctf_disc)
-        index.add(vecs)
+        _faiss_add(index, vecs)
         if progress is not None:  # counted in reference poses: the bars show poses/s
             progress("populate index", stop * gallery.n_shifts, gallery.n_poses)
-    timings["populate"] = time.perf_counter() - t0
+    populate_seconds = time.perf_counter() - t0
+    bytes_per_pose = _serialized_nbytes(index) / max(1, index.ntotal)
     t0 = time.perf_counter()
-    ivf = index.ivf
     recall = None
-    if ivf is None:
+    given = settings.nprobe if settings.nprobe is not None else nprobe
+    nprobe_used: int | None
+    if _ivf(index) is None:
         nprobe_used = None
-    elif settings.nprobe is not None or nprobe is not None:
-        nprobe_used = int(settings.nprobe if settings.nprobe is not None else nprobe)
+    elif given is not None:
+        nprobe_used = int(given)
     else:
-        nprobe_used, recall = _tune_nprobe(index, gallery, settings, ctf_disc, ctf_disc_pool)
+        nprobe_used, recall = _tune_nprobe(index, trained.factory, gallery, settings, ctf_disc,
+                                           ctf_disc_pool)
     if nprobe_used is not None:
-        index.set_nprobe(nprobe_used)
-    timings["tune"] = time.perf_counter() - t0
-    return PopulatedIndex(gallery, index.factory, index, ctf_disc, nprobe_used, recall, timings)
+        _set_nprobe(index, nprobe_used)
+    return PopulatedIndex(
+        gallery, trained.factory, index, trained.device, ctf_disc, nprobe_used, recall,
+        bytes_per_pose, trained.train_seconds, populate_seconds, time.perf_counter() - t0,
+        trained.gpu_float16, trained.gpu_resources,
+    )
 
 
 def _tune_nprobe(
-    index: TrainedIndex,
+    index: Any,
+    factory: str,
     gallery: Gallery,
     settings: IndexSettings,
     ctf_disc: torch.Tensor | None,
     ctf_disc_pool: torch.Tensor | None,
 ) -> tuple[int, float]:
-    """Smallest power-of-two ``nprobe`` reaching ``target_recall``.
+    """Smallest power-of-two ``nprobe`` of a populated FAISS index reaching ``target_recall``.
 
     Its ``rerank`` candidates hold the exact neighbour of held-out augmented
     references at that rate.
@@ -957,11 +1109,11 @@ def _tune_nprobe(
     _, exact_i = _exact_search(gallery, held, 1, ctf_disc=ctf_disc,
                                budget=settings.max_memory_bytes)
     exact_i = exact_i[:, 0].cpu()
-    nlist = int(index.ivf.nlist)
+    nlist = int(_ivf(index).nlist)
     nprobe = 1
     while True:
-        index.set_nprobe(nprobe)
-        _, cand = index.search(held, max(1, settings.rerank))
+        _set_nprobe(index, nprobe)
+        cand = _faiss_search(index, held, max(1, settings.rerank)).cpu()
         recall = float((cand == exact_i[:, None]).any(dim=1).float().mean())
         if recall >= settings.target_recall or nprobe >= nlist:
             break
@@ -970,7 +1122,7 @@ def _tune_nprobe(
         log.warning(
             "index %s reaches only recall %.3f of the exact neighbour at nprobe %d (target "
             "%.2f): raise --rerank or use longer codes",
-            index.factory, recall, nprobe, settings.target_recall,
+            factory, recall, nprobe, settings.target_recall,
         )
     else:
         log.info("nprobe %d reaches recall %.3f of the exact neighbour", nprobe, recall)
@@ -1013,7 +1165,7 @@ def query_index(
     budget = settings.max_memory_bytes
     timings = {"train": 0.0, "populate": 0.0, "tune": 0.0, **index.timings}
     t0 = time.perf_counter()
-    if index.exact:
+    if index.faiss_index is None:
         done = [0]
 
         def cb(m: int) -> None:
@@ -1027,14 +1179,15 @@ def query_index(
         return SearchResult(d.cpu().numpy(), i.cpu().numpy().astype(np.int64), timings, None,
                             1.0, bytes_per_pose=0.0, factory="Flat")
     nprobe = index.nprobe
-    if settings.nprobe is not None and index.trained.ivf is not None:
+    if settings.nprobe is not None and _ivf(index.faiss_index) is not None:
         nprobe = int(settings.nprobe)
-        index.trained.set_nprobe(nprobe)
+    if nprobe is not None:  # set for every query: an override does not outlive it
+        _set_nprobe(index.faiss_index, nprobe)
     out_d, out_i = [], []
     n = queries.shape[0]
     for start in range(0, n, _QUERY_BLOCK):  # blocks: progress, bounded memory
         sub = queries[start : start + _QUERY_BLOCK]
-        _, cand = index.trained.search(sub, max(k, settings.rerank))
+        cand = _faiss_search(index.faiss_index, sub, max(k, settings.rerank))
         d, i = rescore(gallery, sub, cand, k, ctf_disc=index.ctf_disc, budget=budget)
         out_d.append(d.cpu().numpy())
         out_i.append(i.cpu().numpy().astype(np.int64))
@@ -1043,7 +1196,7 @@ def query_index(
     timings["query"] = time.perf_counter() - t0
     return SearchResult(
         np.concatenate(out_d), np.concatenate(out_i), timings, nprobe, index.recall,
-        bytes_per_pose=index.bytes_per_pose(), factory=index.factory,
+        bytes_per_pose=index.bytes_per_pose, factory=index.factory,
     )
 
 
@@ -1101,7 +1254,8 @@ def search_gallery(
     if trained is None:
         trained = train_index(gallery, settings, n_particles=n, ctf_disc_pool=ctf_disc_pool,
                               device=device)
-    groups = ctf_groups or [(np.arange(n), None)]
+    groups: list[tuple[np.ndarray, torch.Tensor | None]] = (
+        list(ctf_groups) if ctf_groups else [(np.arange(n), None)])
     out_d = np.full((n, k), np.inf, dtype=np.float32)
     out_i = np.full((n, k), -1, dtype=np.int64)
     timings = {"train": 0.0, "populate": 0.0, "query": 0.0, "tune": 0.0}
@@ -1119,5 +1273,6 @@ def search_gallery(
         for name in ("populate", "query", "tune"):
             timings[name] += result.timings.get(name, 0.0)
         timings["train"] = result.timings.get("train", 0.0)
+    assert result is not None  # at least one group
     return SearchResult(out_d, out_i, timings, nprobe, recall,
                         bytes_per_pose=result.bytes_per_pose, factory=result.factory)
