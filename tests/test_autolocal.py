@@ -133,3 +133,19 @@ def test_continue_of_a_run_saved_before_auto_local_keeps_it_off(tmp_path):
     merged = resolve_refine_params(ctx)
     assert merged["max_resolution"] == 8.0 and merged["auto_local"] is False
     assert merged["symmetry"] == "C4"
+
+
+def test_converged_only_after_a_local_iteration_without_gain_or_moves():
+    """RELION's rule: no resolution gain (or a Nyquist bound) and poses that moved less
+    than the step, with local (finest) sampling; otherwise go on."""
+    from swiftalign.autolocal import converged
+
+    base = {"search": "local", "stalled": True, "resolution_is_bound": False,
+            "pose_change_deg": 0.3, "class_change_fraction": 0.0, "angular_step_deg": 0.8}
+    assert converged(base)
+    assert converged({**base, "stalled": False, "resolution_is_bound": True})
+    assert not converged({**base, "stalled": False})  # gained a shell
+    assert not converged({**base, "search": "global"})  # not yet at the finest sampling
+    assert not converged({**base, "pose_change_deg": 0.9})  # poses still move
+    assert not converged({**base, "class_change_fraction": 0.2})
+    assert not converged({**base, "pose_change_deg": None})

@@ -33,7 +33,7 @@ import numpy as np
 
 from swiftalign.evaluate import symmetric_angular_error_deg
 
-__all__ = ["MAX_CLASS_CHANGE", "SPREAD_PERCENTILE", "SearchPlan", "choose_search",
+__all__ = ["MAX_CLASS_CHANGE", "SPREAD_PERCENTILE", "SearchPlan", "choose_search", "converged",
            "local_ranges", "pose_changes", "spread_summary"]
 
 #: Fraction of particles changing class above which the search goes back to global.
@@ -202,3 +202,33 @@ def local_ranges(history: list[dict], *, angular_step_deg: float, shift_step_px:
     angle = min(max(float(angle), angular_step_deg), max(max_angle_deg, angular_step_deg))
     shift = min(max(float(shift), shift_step_px), max(max_shift_px, shift_step_px))
     return angle, shift
+
+
+def converged(entry: dict) -> bool:
+    """Whether a refinement may stop after the iteration recorded in ``entry``.
+
+    RELION's auto-refine stops once, with its finest (auto-local) sampling, an iteration
+    neither gained resolution nor changed the hidden variables much
+    (``MlOptimiser::checkConvergence``: no resolution gain and no large orientation
+    changes). The same here: a local iteration (:func:`choose_search`) gained less than one
+    Fourier shell (``stalled``) or its FSC never crossed the threshold (a bound at
+    Nyquist, which no iteration can improve), its kept particles' poses moved by a
+    median below the angular step ΔΦ it aligned with, and at most
+    :data:`MAX_CLASS_CHANGE` of the particles changed class.
+
+    Parameters
+    ----------
+    entry : dict
+        A history entry (``search``, ``stalled``, ``resolution_is_bound``,
+        ``pose_change_deg``, ``class_change_fraction``, ``angular_step_deg``).
+
+    Returns
+    -------
+    bool
+    """
+    moved = entry.get("pose_change_deg")
+    if moved is None or entry.get("search") != "local":
+        return False
+    no_gain = bool(entry.get("stalled")) or bool(entry.get("resolution_is_bound"))
+    return (no_gain and moved < entry["angular_step_deg"]
+            and (entry.get("class_change_fraction") or 0.0) <= MAX_CLASS_CHANGE)

@@ -64,6 +64,7 @@ from swiftalign.alignment import (
 from swiftalign.autolocal import (
     SearchPlan,
     choose_search,
+    converged,
     local_ranges,
     pose_changes,
     spread_summary,
@@ -495,7 +496,8 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
                 ) -> tuple[np.ndarray, ...]:
     """Local search only, around the current poses and shifts of one half.
 
-    ±``ranges`` (°, px), down to a quarter of the angular step of ``t_align`` on
+    ±``ranges`` (°, px), down to half the angular step of ``t_align`` (the parabola
+    vertices of the local search go finer) on
     the disc up to ``t_align``; every class is tried and the best distance wins
     (``own_class``: each particle only against its own class).
     """
@@ -508,7 +510,7 @@ def _local_pass(setup: RefineSetup, state: RefineState, refs: dict[ClassHalf, np
         metric=config.metric, device=device, noise=state.noise, weighting=config.weighting,
         optics_group=setup.table.optics_group[rows],
         recentre_shift_yx_px=state.shift_yx_px[rows])
-    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 4
+    fine = angular_step_deg(t_align, pixel_size, setup.box_size) / 2  # vertices go finer
     rounds = max(1, int(math.ceil(math.log2(max(angle_range / fine, 1.0)))) + 1)
     best_d = np.full(len(rows), np.inf)
     out_e, out_s = state.euler_deg[rows].copy(), state.shift_yx_px[rows].copy()
@@ -691,6 +693,12 @@ def _reconstruct_halves(setup: RefineSetup, cons: Consensus, iteration: int,
     return half_maps, full_maps, sel_of
 
 
+#: Particles per optics group, class and half whose residuals give the next noise spectra:
+#: a spectrum averages every pixel of a shell over them (about 2π·r·1,000 values per
+#: shell), far beyond what the weights need; more only costs time.
+NOISE_PARTICLES_PER_GROUP = 1000
+
+
 def _residual_noise(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
                     sel_of: dict[ClassHalf, np.ndarray], cons: Consensus) -> NoiseSpectrum:
     """Noise spectra of the residuals of the kept particles against their own half maps."""
@@ -703,7 +711,8 @@ def _residual_noise(setup: RefineSetup, half_maps: dict[ClassHalf, np.ndarray],
         parts.append(estimate_residual_noise_power(
             setup.images, sel, og_all[sel], torch.as_tensor(half_maps[key], device=device),
             cons.euler_deg[sel], cons.shift_yx_px[sel], ctf=setup.ctf,
-            pixel_size_angstrom=setup.pixel_size_angstrom, seed=setup.config.seed))
+            pixel_size_angstrom=setup.pixel_size_angstrom, seed=setup.config.seed,
+            max_particles_per_group=NOISE_PARTICLES_PER_GROUP))
     return merge_spectra(parts)
 
 
@@ -817,11 +826,13 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
                      symmetry_group=setup.symmetry_group, angle_tolerance_deg=dphi,
                      shift_tolerance_px=ds, distance=found.distance,
                      near_symmetry_group=None if near is None else near.group)
+    timings["consensus"] = time.perf_counter() - t_step
     if plan.search == "global" and t_align < fields["repetition_resolution_angstrom"]:
         t_polish = time.perf_counter()
         _polish(setup, state, cons, t_align, (dphi / 2.0, ds / 2.0))
         timings["polish"] = time.perf_counter() - t_polish
         timings["align"] += timings["polish"]
+    t_step = time.perf_counter()
     if plan.search == "local":  # one search: kept when it converged inside its range
         moved_deg, moved_px = _local_moves(setup, state, cons)
         cons.keep &= _local_converged(moved_deg, moved_px, ranges)
@@ -836,7 +847,7 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
         fields["pose_change_deg"], fields["class_change_fraction"] = pose_changes(
             cons.euler_deg, state.euler_deg, cons.class_index, state.class_index, cons.keep,
             setup.symmetry)
-    timings["consensus"] = time.perf_counter() - t_step
+    timings["consensus"] += time.perf_counter() - t_step
     return cons, fields
 
 
@@ -923,6 +934,7 @@ def refine_iteration(setup: RefineSetup, state: RefineState, iteration: int,
         "stalled": bool(shells / new_res - shells / state.resolution_angstrom < 1.0),
         **search, "timings_s": timings,
     }
+    entry["converged"] = converged(entry)
     return IterationResult(iteration, cons, classes, references, noise, entry)
 
 
@@ -1069,7 +1081,7 @@ def run_refinement(
     check_refine_resources(setup, folder.path, iterations=config.iterations)  # before any work
     state = (resume_state(setup, folder) if resume else None) or initial_state(setup)
     for it in range(state.iteration + 1, config.iterations + 1):
-        if state.stalled >= 2:
+        if state.stalled >= 2 or (state.history and state.history[-1].get("converged")):
             break
         t_it = time.perf_counter()
         result = refine_iteration(setup, state, it, progress)
