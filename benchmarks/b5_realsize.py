@@ -377,11 +377,12 @@ def _targets(ours: dict, relion: dict | None, ceil: dict) -> dict:
 
 
 def _steps_markdown(steps: list[dict]) -> str:
-    keys = [k for k in steps[0] if k not in ("iteration",)] if steps else []
+    keys = list(dict.fromkeys(k for s in steps for k in s if k != "iteration"))
     lines = ["", "swiftalign per-iteration times (s) from final/run.json:", "",
              "| iteration | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for s in steps:
-        cells = [f"{s[k]:.1f}" if isinstance(s[k], float) else str(s[k]) for k in keys]
+        cells = [f"{s[k]:.1f}" if isinstance(s.get(k), float) else str(s.get(k, "–"))
+                 for k in keys]
         lines.append(f"| {s['iteration']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

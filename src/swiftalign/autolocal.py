@@ -14,8 +14,8 @@ idea here, decided before each iteration from the history of the previous ones
   iteration: **global**;
 - the last iteration was local (and neither of the above): **local** again;
 - the last (global) iteration's consensus poses moved, median over the kept
-  particles and symmetry-aware, by less than the angular step ΔΦ of the current
-  resolution (the consensus' own agreement tolerance): **local**;
+  particles and symmetry-aware, by less than the angular step ΔΦ of the resolution
+  the repetitions' consensus is judged at (its own agreement tolerance): **local**;
 - otherwise **global**.
 
 A local iteration searches each particle around its consensus pose and shift with
@@ -83,7 +83,9 @@ def choose_search(history: list[dict], *, iteration: int, iterations: int, local
     auto_local : bool
         Switch automatically.
     angular_step_deg : float
-        ΔΦ at this iteration's alignment resolution (°).
+        ΔΦ (°) at the resolution a global iteration's consensus is judged at (the
+        repetitions' ``T_r``, :mod:`swiftalign.refinement`): poses that move less than
+        that between iterations cannot be improved by another global search.
     box_angstrom : float
         Box size × pixel size (Å): one Fourier shell is ``1/box_angstrom``.
 

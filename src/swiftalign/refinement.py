@@ -794,9 +794,12 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
     config, pixel_size = setup.config, setup.pixel_size_angstrom
     dphi = angular_step_deg(t_align, pixel_size, setup.box_size)
     ds = shift_step_px(t_align, pixel_size)
+    # switch to local once the poses move less than the step the consensus is judged at
+    t_rep = max(t_align, t_global * config.repetition_resolution_factor)
     plan: SearchPlan = choose_search(
         state.history, iteration=iteration, iterations=config.iterations,
-        local_passes=config.local_passes, auto_local=config.auto_local, angular_step_deg=dphi,
+        local_passes=config.local_passes, auto_local=config.auto_local,
+        angular_step_deg=angular_step_deg(t_rep, pixel_size, setup.box_size),
         box_angstrom=setup.box_size * pixel_size)
     fields: dict = {"search": plan.search, "search_reason": plan.reason}
     t_step = time.perf_counter()
@@ -810,7 +813,6 @@ def _search(setup: RefineSetup, state: RefineState, iteration: int, t_align: flo
         fields["local_range_deg"], fields["local_range_px"] = ranges
         found = _align_local(setup, state, t_align, ranges)
     else:  # the repetitions refine to t_rep; one polish per particle goes on to t_align
-        t_rep = max(t_align, t_global * config.repetition_resolution_factor)
         dphi, ds = angular_step_deg(t_rep, pixel_size, setup.box_size), shift_step_px(t_rep,
                                                                                        pixel_size)
         fields["repetition_resolution_angstrom"] = t_rep
